@@ -1,0 +1,190 @@
+"""Property tests of the attention-mining reference: equations (1)-(3), (7), (8), mask update."""
+from collections import deque
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from minimal_amkp import reference as R
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def problems(draw, mask="random"):
+    """x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,) with awkward sizes: N = 1, C = 1, primes."""
+    n, d, c = draw(st.integers(1, 3)), draw(st.integers(1, 7)), draw(st.integers(1, 4))
+    h, w_ = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["random", "zeros", "ones"])) if mask == "random" else mask
+    m = {"random": (rng.random((n, c, h, w_)) < 0.6), "zeros": np.zeros((n, c, h, w_)),
+         "ones": np.ones((n, c, h, w_))}[kind].astype(np.float64)
+    return (rng.normal(size=(n, d, h, w_)), m, rng.normal(size=(c, d)), rng.normal(size=c))
+
+
+def assert_close(actual, expected, rtol=1e-12, atol=1e-12):
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol)
+
+
+@SETTINGS
+@given(problems())
+def test_erase_zeroes_every_channel_where_the_mask_is_zero(p):
+    x, m, _, _ = p
+    x_hat = R.erase(x, m)
+    assert x_hat.shape == (x.shape[0], m.shape[1]) + x.shape[1:]
+    for c in range(m.shape[1]):
+        assert_close(x_hat[:, c], x * m[:, c, None])
+
+
+@SETTINGS
+@given(problems())
+def test_branch_logits_equal_masked_mean_of_cam_plus_bias(p):
+    # The identity the fused kernels rely on: w_cᵀ g(X ⊙ M_c) = mean_hw(M_c ⊙ (W·X)_c).
+    x, m, w, b = p
+    cam_unmasked = np.einsum("ndhw,cd->nchw", x, w)
+    assert_close(R.branch_logits(x, m, w, b), (m * cam_unmasked).mean(axis=(-2, -1)) + b)
+    assert_close(R.branch_logits(x, m, w, b), R.cam(x, m, w).mean(axis=(-2, -1)) + b)
+
+
+@SETTINGS
+@given(problems(mask="ones"))
+def test_all_ones_masks_give_the_plain_gap_classifier(p):
+    x, m, w, b = p
+    assert_close(R.branch_logits(x, m, w, b), R.gap(x) @ w.T + b)
+
+
+@SETTINGS
+@given(problems(mask="zeros"))
+def test_all_zero_masks_leave_only_the_bias(p):
+    x, m, w, b = p
+    assert_close(R.branch_logits(x, m, w, b), np.broadcast_to(b, (x.shape[0], b.size)))
+    assert np.all(R.cam(x, m, w) == 0)
+
+
+@SETTINGS
+@given(problems())
+def test_cam_is_zero_outside_the_mask_and_linear_in_w(p):
+    x, m, w, _ = p
+    h = R.cam(x, m, w)
+    assert np.all(h[m == 0] == 0)
+    assert_close(R.cam(x, m, 2 * w), 2 * h)
+
+
+@SETTINGS
+@given(st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_branch_losses_match_the_textbook_cross_entropy(n, c, seed):
+    rng = np.random.default_rng(seed)
+    z, y = rng.normal(scale=3, size=(n, c)), (rng.random((n, c)) < 0.5).astype(float)
+    p = 1 / (1 + np.exp(-z))
+    expected = (-(y * np.log(p) + (1 - y) * np.log(1 - p))).mean(axis=0)
+    assert_close(R.branch_losses(z, y), expected, rtol=1e-10)
+    assert R.classification_loss(z, y) == pytest.approx(expected.mean(), rel=1e-10)
+
+
+def test_branch_losses_are_stable_for_huge_logits():
+    z = np.array([[1000.0, -1000.0, 1000.0, -1000.0]])
+    y = np.array([[1.0, 0.0, 0.0, 1.0]])
+    assert_close(R.branch_losses(z, y), [0.0, 0.0, 1000.0, 1000.0])
+
+
+def flood_fill(on, seed):
+    """An independent 8-connected flood fill: the oracle for scipy's labelling."""
+    comp, todo = {seed}, deque([seed])
+    while todo:
+        i, j = todo.popleft()
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                q = (i + di, j + dj)
+                if 0 <= q[0] < on.shape[0] and 0 <= q[1] < on.shape[1] and on[q] and q not in comp:
+                    comp.add(q)
+                    todo.append(q)
+    return comp
+
+
+@st.composite
+def maps_and_masks(draw):
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.integers(1, 9)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    h = rng.normal(size=shape)
+    if draw(st.booleans()):
+        h[0] = draw(st.floats(-3, 3))                 # a constant map
+    m = (rng.random(shape) < 0.8).astype(float) if draw(st.booleans()) else np.ones(shape)
+    return h, m, draw(st.sampled_from([0.3, 0.5, 0.9]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(maps_and_masks())
+def test_update_masks_zeroes_exactly_the_peak_component(case):
+    h, m, thr = case
+    new = R.update_masks(h, m, threshold=thr)
+    assert np.all(new <= m), "a 0 turned into a 1"
+    for i in range(h.shape[0]):
+        if h[i].max() == h[i].min():
+            assert np.array_equal(new[i], m[i]), f"constant map {i} changed its mask"
+            continue
+        peak = np.unravel_index(np.argmax(h[i]), h[i].shape)
+        on = (h[i] - h[i].min()) / (h[i].max() - h[i].min()) >= thr
+        expected = m[i].copy()
+        for q in flood_fill(on, peak):
+            expected[q] = 0
+        mismatch = np.argwhere(new[i] != expected)
+        assert mismatch.size == 0, f"map {i}: first mismatch at {tuple(mismatch[0])}"
+        assert new[i][peak] == 0
+
+
+def test_update_masks_splits_two_blobs_and_erases_the_brighter():
+    h = np.zeros((7, 7))
+    h[1:3, 1:3] = 1.0           # peak blob
+    h[4:6, 4:6] = 0.8           # second blob, separated by a zero row and column
+    new = R.update_masks(h[None], np.ones((1, 7, 7)))[0]
+    assert new[1:3, 1:3].sum() == 0 and new.sum() == 49 - 4
+
+
+def test_update_masks_joins_diagonal_neighbours():
+    h = np.zeros((4, 4))
+    h[0, 0], h[1, 1], h[2, 2] = 1.0, 0.9, 0.8
+    new = R.update_masks(h, np.ones((4, 4)))
+    assert new[0, 0] == new[1, 1] == new[2, 2] == 0 and new.sum() == 13
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(2, 8), st.integers(2, 8), st.integers(0, 2**32 - 1))
+def test_frozen_network_fuses_to_the_first_heatmap(T, hh, ww, seed):
+    # With a frozen network H_t = H_1 ⊙ M_{t-1}: eq. (8) telescopes to H_1 for every T.
+    h1 = np.random.default_rng(seed).normal(size=(2, 3, hh, ww))
+    cams, masks = [], [np.ones_like(h1)]
+    for t in range(T):
+        cams.append(h1 * masks[-1])
+        if t + 1 < T:
+            masks.append(R.update_masks(cams[-1], masks[-1]))
+    assert_close(R.fuse_heatmaps(cams, masks), h1)
+
+
+def test_fuse_heatmaps_by_hand():
+    # 1×2 maps, T = 2: round 1 erases the left pixel, round 2 sees only the right one.
+    h1, h2 = np.array([[4.0, 1.0]]), np.array([[0.0, 3.0]])
+    m0, m1 = np.ones((1, 2)), np.array([[0.0, 1.0]])
+    # H_f = ½[H_1 + (H_2 + H_1 ⊙ (1 − M_1))] = ½[[4, 1] + [4, 3]] = [4, 2]
+    assert_close(R.fuse_heatmaps([h1, h2], [m0, m1]), [[4.0, 2.0]])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: R.erase(np.zeros((2, 3, 4, 4)), np.ones((3, 1, 4, 4))), r"disagree on N, H or W"),
+    (lambda: R.erase(np.zeros((2, 3, 4)), np.ones((2, 1, 4, 4))), r"x: expected 4 dimensions"),
+    (lambda: R.erase(np.zeros((1, 3, 4, 4)), np.full((1, 1, 4, 4), 0.5)), r"m: masks must hold only 0 and 1"),
+    (lambda: R.branch_logits(np.zeros((1, 3, 2, 2)), np.ones((1, 2, 2, 2)), np.zeros((2, 4)), np.zeros(2)),
+     r"w must be \(C, D\) = \(2, 3\)"),
+    (lambda: R.branch_logits(np.zeros((1, 3, 2, 2)), np.ones((1, 2, 2, 2)), np.zeros((2, 3)), np.zeros(3)),
+     r"b must be \(C,\)"),
+    (lambda: R.branch_losses(np.zeros((2, 3)), np.zeros((2, 4))), r"logits and y must have the same shape"),
+    (lambda: R.branch_losses(np.zeros((2, 3)), np.full((2, 3), 0.5)), r"y: masks must hold only 0 and 1"),
+    (lambda: R.update_masks(np.zeros((3, 3)), np.ones((3, 4))), r"h and m must have the same shape"),
+    (lambda: R.update_masks(np.zeros((3, 3)), np.ones((3, 3)), threshold=1.5), r"threshold must lie in"),
+    (lambda: R.fuse_heatmaps([], []), r"non-empty lists of equal length"),
+    (lambda: R.fuse_heatmaps([np.zeros((2, 2))], [np.zeros((2, 2))]), r"masks\[0\] must be all ones"),
+    (lambda: R.gap(np.array([[np.nan]])), r"x: contains NaN"),
+])
+def test_bad_input_gets_a_one_line_value_error(call, message):
+    with pytest.raises(ValueError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
