@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import checks
+from .boxes import EIGHT_CONNECTED, minmax
 
 
 def _features_and_masks(x, m):
@@ -97,8 +98,6 @@ def cam(x, m, w):
     return np.einsum("ncdhw,cd->nchw", erase(x, m), w)                    # (N, C, H, W)
 
 
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
-
 
 def update_masks(h, m, threshold=0.5):
     """Sec. 3.2, mask update: M_t = M_{t-1} with the peak component of binarised H_t set to 0.
@@ -118,11 +117,10 @@ def update_masks(h, m, threshold=0.5):
     flat_h = h.reshape(-1, *h.shape[-2:])                                 # (B, H, W)
     flat_new = new.reshape(-1, *h.shape[-2:])                             # (B, H, W), a view
     for h_i, m_i in zip(flat_h, flat_new):
-        lo, hi = h_i.min(), h_i.max()
-        if hi == lo:
+        h_hat = minmax(h_i)                                               # (H, W)
+        if h_hat is None:
             continue
-        on = (h_i - lo) / (hi - lo) >= threshold                          # (H, W)
-        labels, _ = ndimage.label(on, structure=_EIGHT_CONNECTED)
+        labels, _ = ndimage.label(h_hat >= threshold, structure=EIGHT_CONNECTED)
         peak = np.unravel_index(np.argmax(h_i), h_i.shape)
         m_i[labels == labels[peak]] = 0
     return new
