@@ -1,0 +1,351 @@
+"""The ChestX-ray14 reader on hand-built files in the release's formats, and on broken ones."""
+import gzip
+import os
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minimal_amkp import chestxray as cx
+from minimal_amkp.classes import CLASSES
+
+DE_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+           "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+DE_2020 = DE_2017[:-1]
+BBOX_2017 = "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+ROWS_2017 = [
+    "00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,",
+    "00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143,",
+    "00000002_000.png,No Finding,0,2,81,M,PA,2500,2048,0.171,0.171,",
+    "00013118_008.png,Atelectasis|Infiltration,8,13118,069Y,F,AP,3056,2544,0.139,0.139,",
+]
+BOX_ROWS = [
+    "00013118_008.png,Atelectasis,225.084745762712,547.019216763771,86.7796610169491,"
+    "79.1864406779661",
+    "00013118_008.png,Infiltrate,600,100.5,200,300",
+]
+
+
+def label_vector(*names):
+    y = np.zeros(len(CLASSES), np.uint8)
+    y[[CLASSES.index(n) for n in names]] = 1
+    return y
+
+
+def write(path, lines, newline_at_end=True):
+    text = "\n".join(lines) + ("\n" if newline_at_end else "")
+    if str(path).endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def png(path, size=(1024, 1024), mode="L", value=0):
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+def make_root(tmp, entries=ROWS_2017, boxes=BOX_ROWS, train_val=None, test=None,
+              entry_name="Data_Entry_2017.csv", size=(1024, 1024)):
+    """A complete little release under tmp, in the 2017 formats."""
+    (tmp / "images").mkdir(exist_ok=True)
+    write(tmp / entry_name, [DE_2017 if "v2020" not in entry_name else DE_2020] + list(entries))
+    write(tmp / "BBox_List_2017.csv", [BBOX_2017] + list(boxes))
+    names = [r.split(",")[0] for r in entries]
+    for n in names:
+        png(tmp / "images" / n, size)
+    write(tmp / "train_val_list.txt", names[:2] if train_val is None else train_val)
+    write(tmp / "test_list.txt", names[2:] if test is None else test, newline_at_end=False)
+    return tmp
+
+
+# ---------------------------------------------------------------- real formats, read right
+
+@pytest.mark.parametrize("header, suffix", [(DE_2017, ".csv"), (DE_2020, ".csv"),
+                                            (DE_2017, ".csv.gz"), (DE_2020, ".csv.gz")])
+def test_data_entry_variants_give_the_same_entries(tmp_path, header, suffix):
+    rows = ROWS_2017 if header == DE_2017 else [r[:-1] for r in ROWS_2017]
+    entries = cx.read_data_entry(write(tmp_path / f"Data_Entry_2017{suffix}", [header] + rows))
+    assert [e.image for e in entries] == [r.split(",")[0] for r in ROWS_2017]
+    assert np.array_equal(entries[0].labels, label_vector("Cardiomegaly"))
+    assert np.array_equal(entries[1].labels, label_vector("Cardiomegaly", "Emphysema"))
+    assert entries[2].labels.dtype == np.uint8 and not entries[2].labels.any()   # No Finding
+    e = entries[3]
+    assert np.array_equal(e.labels, label_vector("Atelectasis", "Infiltration"))
+    assert (e.follow_up, e.patient_id, e.age, e.gender, e.view) == (8, 13118, 69, "F", "AP")
+    assert (e.width, e.height, e.spacing) == (3056, 2544, (0.139, 0.139))
+
+
+def test_infiltrate_in_data_entry_is_normalised_too(tmp_path):
+    path = write(tmp_path / "d.csv", [DE_2020, "a.png,Infiltrate|Mass,0,1,50,M,PA,1,1,0.1,0.1"])
+    assert np.array_equal(cx.read_data_entry(path)[0].labels, label_vector("Infiltration", "Mass"))
+
+
+@pytest.mark.parametrize("header, rows", [
+    (BBOX_2017, BOX_ROWS),                                                 # the release
+    ("Image Index,Finding Label,Bbox [x,y,w,h]", BOX_ROWS),                # mirror, no commas
+    (BBOX_2017, [r + ",,," for r in BOX_ROWS]),                            # rows with commas
+    (BBOX_2017, ["00013118_008.png,Atelectasis,225,547,87,79",             # rounded numbers
+                 "00013118_008.png,Infiltrate,600,100.5,200,300"]),
+])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_bbox_list_variants(tmp_path, header, rows, suffix):
+    boxes = cx.read_bbox_list(write(tmp_path / f"BBox_List_2017{suffix}", [header] + rows))
+    assert [(b.image, CLASSES[b.label]) for b in boxes] == [
+        ("00013118_008.png", "Atelectasis"), ("00013118_008.png", "Infiltration")]
+    assert boxes[0].x == pytest.approx(225.084745762712, abs=0.5)
+    assert boxes[0].h == pytest.approx(79.1864406779661, abs=0.5)
+    assert (boxes[1].x, boxes[1].y, boxes[1].w, boxes[1].h) == (600.0, 100.5, 200.0, 300.0)
+    assert boxes[0].score is None and boxes[0].rank is None
+
+
+def test_harvested_boxes_csv_keeps_score_and_rank(tmp_path):
+    path = write(tmp_path / "boxes.csv", ["Image Index,Finding Label,Bbox [x,y,w,h],score,rank",
+                                          "x.png,Nodule,1.5,2,3,4,0.75,2"])
+    (b,) = cx.read_bbox_list(path)
+    assert (b.image, CLASSES[b.label], b.x, b.y, b.w, b.h, b.score, b.rank) == (
+        "x.png", "Nodule", 1.5, 2.0, 3.0, 4.0, 0.75, 2)
+
+
+@pytest.mark.parametrize("harvested", [False, True])
+def test_writers_round_trip(tmp_path, harvested):
+    score = (lambda k: 0.5 + k) if harvested else (lambda k: None)
+    boxes = [cx.BBox(f"{k:08d}_000.png", k, 1.0 / 3 + k, 2.5, 10.125, 7.0, score(k),
+                     k + 1 if harvested else None) for k in range(8)]
+    cx.write_bbox_list(tmp_path / "b.csv", boxes)
+    assert cx.read_bbox_list(tmp_path / "b.csv") == boxes
+    text = (tmp_path / "b.csv").read_text()
+    assert ",Infiltrate," in text and ",Infiltration," not in text
+    assert text.startswith("Image Index,Finding Label,Bbox [x,y,w,h],")
+    entries = [cx.Entry("a.png", label_vector("Mass", "Edema"), 0, 1, 40, "F", "AP", 64, 64,
+                        (0.25, 0.25)),
+               cx.Entry("b.png", label_vector(), 3, 2, 70, "M", "PA", 64, 64, (1 / 3, 1 / 3))]
+    cx.write_data_entry(tmp_path / "d.csv", entries)
+    back = cx.read_data_entry(tmp_path / "d.csv")
+    assert all(line.endswith(",") for line in (tmp_path / "d.csv").read_text().splitlines())
+    for a, b in zip(entries, back):
+        assert np.array_equal(a.labels, b.labels)
+        assert dataclass_fields(a) == dataclass_fields(b)
+
+
+def dataclass_fields(e):
+    return (e.image, e.follow_up, e.patient_id, e.age, e.gender, e.view, e.width, e.height,
+            e.spacing)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".txt.gz"])
+def test_split_last_line_without_newline(tmp_path, suffix):
+    path = write(tmp_path / f"test_list{suffix}", ["a.png", "b.png", "", "c.png"],
+                 newline_at_end=False)
+    assert cx.read_split(path) == ["a.png", "b.png", "c.png"]
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("L", 128, 128 / 255), ("RGBA", (128, 128, 128, 255), 128 / 255),
+    ("RGB", (64, 64, 64), 64 / 255), ("LA", (200, 255), 200 / 255),
+    ("I;16", 32768, 32768 / 65535)])
+def test_load_image_converts_every_mode_to_one_channel(tmp_path, mode, value, expected):
+    img, boxes = cx.load_image(png(tmp_path / "a.png", (40, 30), mode, value), 16)
+    assert img.shape == (16, 16) and img.dtype == np.float32
+    np.testing.assert_allclose(img, expected, atol=1e-6)
+    assert boxes.shape == (0, 4)
+
+
+def test_load_image_reads_16_bit_range_and_scales_boxes_with_the_image(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 100).astype(np.uint16), (50, 1))   # (H=50, W=100)
+    Image.fromarray(ramp).save(tmp_path / "r.png")
+    img, boxes = cx.load_image(tmp_path / "r.png", 20, [[10, 5, 50, 25], [0, 0, 100, 50]])
+    assert img.min() >= 0 and img.max() <= 1 and np.all(np.diff(img[0]) > 0)
+    np.testing.assert_allclose(boxes, [[2, 2, 10, 10], [0, 0, 20, 20]])
+    assert boxes.dtype == np.float64
+
+
+def test_load_image_same_size_is_untouched(tmp_path):
+    a = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    img, _ = cx.load_image(tmp_path / "a.png", 8)
+    np.testing.assert_array_equal(img, a / np.float32(255))
+
+
+def test_read_dataset_finds_and_cross_checks_the_files(tmp_path):
+    ds = cx.read_dataset(make_root(tmp_path))
+    assert set(ds.entries) == {r.split(",")[0] for r in ROWS_2017}
+    assert ds.train_val == ["00000001_000.png", "00000001_001.png"]
+    assert ds.test == ["00000002_000.png", "00013118_008.png"]
+    assert [CLASSES[b.label] for b in ds.boxes["00013118_008.png"]] == ["Atelectasis",
+                                                                        "Infiltration"]
+    assert ds.image_path("x.png") == os.path.join(str(tmp_path), "images", "x.png")
+    assert cx.check_images(ds, ds.train_val + ds.test) == ds.train_val + ds.test
+
+
+def test_read_dataset_prefers_v2020_and_accepts_gzip(tmp_path):
+    make_root(tmp_path, entry_name="Data_Entry_2017_v2020.csv.gz",
+              entries=[r[:-1] for r in ROWS_2017])
+    write(tmp_path / "Data_Entry_2017.csv", ["garbage header"])
+    assert len(cx.read_dataset(tmp_path).entries) == 4
+
+
+# ---------------------------------------------------------------- broken input, clear errors
+
+def bad_csv(tmp_path, header, rows, name="f.csv"):
+    return write(tmp_path / name, [header] + rows)
+
+
+@pytest.mark.parametrize("reader, header, rows, message", [
+    (cx.read_data_entry, "Image Index,Labels", [], r"f\.csv line 1: unknown header"),
+    (cx.read_bbox_list, "Image Index,Finding Label,Bbox", [], r"f\.csv line 1: unknown header"),
+    (cx.read_data_entry, DE_2017, ["a.png,Pneumonitis,0,1,50,M,PA,1,1,0.1,0.1,"],
+     r"f\.csv line 2: unknown label 'Pneumonitis'"),
+    (cx.read_data_entry, DE_2017, ["a.png,No Finding|Mass,0,1,50,M,PA,1,1,0.1,0.1,"],
+     r"line 2: 'No Finding' together with other labels"),
+    (cx.read_data_entry, DE_2017, ["a.png,Mass,0,1,50"],
+     r"line 2: too few fields: expected 11, got 5"),
+    (cx.read_data_entry, DE_2017, ["a.png,Mass,0,1,5x,M,PA,1,1,0.1,0.1,"],
+     r"line 2: Patient Age '5x' is not a whole number"),
+    (cx.read_data_entry, DE_2017, ["a.png,Mass,0,1,50,M,PA,1,1,0.1,0.1,",
+                                   "a.png,Mass,1,1,50,M,PA,1,1,0.1,0.1,"],
+     r"line 3: a\.png is listed twice"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Nodule,1,2,3"],
+     r"line 2: too few fields: expected 6, got 5"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Nodule,1,2,0,4"],
+     r"line 2: box \(1.0, 2.0, 0.0, 4.0\) has a non-positive size"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Nodule,1,2,-3,4"], r"line 2: .* non-positive size"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Nodule,-10,2,3,4"],
+     r"line 2: .* starts outside the image"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Edema,1,2,3,4"],
+     r"line 2: label 'Edema' is not one of the 8 box classes"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Nodules,1,2,3,4"], r"line 2: unknown label 'Nodules'"),
+    (cx.read_bbox_list, BBOX_2017, ["a.png,Nodule,1,2,nan,4"],
+     r"line 2: w 'nan' is not a finite number"),
+])
+def test_bad_csv_rows_name_file_line_and_problem(tmp_path, reader, header, rows, message):
+    with pytest.raises(cx.DataError, match=message):
+        reader(bad_csv(tmp_path, header, rows))
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(cx.DataError, match=r"nope\.csv: file not found"):
+        cx.read_data_entry(tmp_path / "nope.csv")
+    (tmp_path / "x.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(cx.DataError, match=r"x\.csv\.gz: cannot read"):
+        cx.read_bbox_list(tmp_path / "x.csv.gz")
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(cx.DataError, match=r"e\.csv: empty file"):
+        cx.read_data_entry(tmp_path / "e.csv")
+
+
+def test_empty_and_duplicated_splits(tmp_path):
+    with pytest.raises(cx.DataError, match=r"t\.txt: empty split list"):
+        cx.read_split(write(tmp_path / "t.txt", ["", "  "]))
+    with pytest.raises(cx.DataError, match=r"u\.txt line 3: a\.png is listed twice"):
+        cx.read_split(write(tmp_path / "u.txt", ["a.png", "b.png", "a.png"]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(boxes=["99999999_000.png,Mass,1,2,3,4"]),
+     r"BBox_List_2017\.csv line 2: box for 99999999_000\.png, "
+     r"which Data_Entry_2017\.csv does not list"),
+    (dict(boxes=["00013118_008.png,Mass,1000,2,30,4"]),
+     r"line 2: box \(1000.0, 2.0, 30.0, 4.0\) lies outside the 1024x1024 image 00013118_008\.png"),
+    (dict(test=["00000002_000.png", "00099999_000.png"]),
+     r"test_list\.txt: 00099999_000\.png is not listed in Data_Entry_2017\.csv"),
+    (dict(train_val=["00000001_000.png", "00000002_000.png"]),
+     r"train_val_list\.txt: 00000002_000\.png is also in test_list\.txt"),
+    (dict(test=[]), r"test_list\.txt: empty split list"),
+])
+def test_read_dataset_cross_check_errors(tmp_path, change, message):
+    with pytest.raises(cx.DataError, match=message):
+        cx.read_dataset(make_root(tmp_path, **change))
+
+
+def test_box_within_slack_is_accepted(tmp_path):
+    ds = cx.read_dataset(make_root(tmp_path, boxes=["00013118_008.png,Mass,1000,-1.5,25.5,4"]))
+    assert len(ds.boxes["00013118_008.png"]) == 1
+
+
+def test_read_dataset_missing_pieces(tmp_path):
+    with pytest.raises(cx.DataError, match=r"dataset folder not found"):
+        cx.read_dataset(tmp_path / "nowhere")
+    with pytest.raises(cx.DataError, match=r"no images/ folder"):
+        cx.read_dataset(tmp_path)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(cx.DataError, match=r"none of Data_Entry_2017_v2020\.csv\[\.gz\], "
+                                           r"Data_Entry_2017\.csv\[\.gz\] found"):
+        cx.read_dataset(tmp_path)
+    make_root(tmp_path)
+    os.remove(tmp_path / "BBox_List_2017.csv")
+    with pytest.raises(cx.DataError, match=r"none of BBox_List_2017\.csv\[\.gz\] found"):
+        cx.read_dataset(tmp_path)
+
+
+def test_skip_bad_drops_each_problem_with_one_warning_and_a_count(tmp_path):
+    rows = ROWS_2017 + ["00000003_000.png,Pneumonitis,0,3,50,M,PA,1,1,0.1,0.1,"]
+    boxes = BOX_ROWS + ["99999999_000.png,Mass,1,2,3,4", "00013118_008.png,Mass,1,2,0,4"]
+    make_root(tmp_path, entries=rows, boxes=boxes, test=["00000002_000.png",
+                                                         "00013118_008.png", "00000003_000.png"])
+    with pytest.raises(cx.DataError):
+        cx.read_dataset(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = cx.read_dataset(tmp_path, skip_bad=True)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 5, messages
+    for part, message in zip(["unknown label 'Pneumonitis'", "non-positive size",
+                              "box for 99999999_000.png", "00000003_000.png is not listed"],
+                             messages):
+        assert message.startswith("skipped: ") and part in message
+    assert messages[4].endswith("skipped 4 bad item(s), see the warnings above")
+    assert len(ds.entries) == 4 and len(ds.boxes["00013118_008.png"]) == 2
+    assert ds.test == ["00000002_000.png", "00013118_008.png"]
+
+
+def test_check_images_finds_missing_foreign_and_truncated_files(tmp_path):
+    ds = cx.read_dataset(make_root(tmp_path))
+    names = ds.train_val + ds.test
+    os.remove(ds.image_path(names[0]))
+    with open(ds.image_path(names[1]), "wb") as f:
+        f.write(b"GIF89a" + bytes(100))
+    data = open(ds.image_path(names[2]), "rb").read()
+    with open(ds.image_path(names[2]), "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(cx.DataError, match=r"3 bad image\(s\): .*00000001_000\.png: missing; "
+                                           r".*00000001_001\.png: not a PNG file; "
+                                           r".*00000002_000\.png: truncated PNG file"):
+        cx.check_images(ds, names, workers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cx.check_images(ds, names, skip_bad=True) == [names[3]]
+    messages = [str(w.message) for w in caught]
+    assert [m.split(": ")[-1] for m in messages[:3]] == [
+        "missing", "not a PNG file", "truncated PNG file (no IEND at the end)"]
+    assert len(messages) == 4 and "skipped 3 bad item(s)" in messages[3]
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        cx.check_images(ds, names, workers=0)
+
+
+def test_load_image_errors(tmp_path):
+    with pytest.raises(cx.DataError, match=r"a\.png: image not found"):
+        cx.load_image(tmp_path / "a.png", 8)
+    (tmp_path / "b.png").write_bytes(b"definitely not an image")
+    with pytest.raises(cx.DataError, match=r"b\.png: cannot read image"):
+        cx.load_image(tmp_path / "b.png", 8)
+    noisy = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "c.png")
+    data = open(tmp_path / "c.png", "rb").read()
+    (tmp_path / "c.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(cx.DataError, match=r"c\.png: cannot read image"):
+        cx.load_image(tmp_path / "c.png", 8)
+    png(tmp_path / "d.png", (64, 32))
+    with pytest.raises(cx.DataError, match=r"d\.png: box 1 .* lies outside the 64x32 image"):
+        cx.load_image(tmp_path / "d.png", 8, [[0, 0, 64, 32], [0, 10, 10, 30]])
+    with pytest.raises(ValueError, match=r"boxes must be \(K, 4\).*got shape \(4,\)"):
+        cx.load_image(tmp_path / "d.png", 8, [0, 0, 1, 1])
+    for size in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="size must be a positive int"):
+            cx.load_image(tmp_path / "d.png", size)
+    Image.new("F", (4, 4)).save(tmp_path / "e.tiff")
+    with pytest.raises(cx.DataError, match=r"e\.tiff: unsupported image mode 'F'"):
+        cx.load_image(tmp_path / "e.tiff", 8)

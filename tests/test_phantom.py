@@ -1,0 +1,206 @@
+"""The phantom: written in the release's formats, read back equal, deterministic, sane lesions."""
+import hashlib
+import itertools
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minimal_amkp import chestxray as cx
+from minimal_amkp import phantom, phantom_draw
+from minimal_amkp.classes import BOX_CLASSES, CLASSES
+
+N, SIZE, SEED = 24, 64, 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    summary = phantom.generate(out, n_images=N, size=SIZE, seed=SEED, preview=True)
+    return out, summary
+
+
+def digest(folder):
+    """sha256 of every file under folder, by relative path."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_every_label_and_box_reads_back_equal(tiny):
+    out, summary = tiny
+    ds = cx.read_dataset(out)
+    assert cx.check_images(ds, ds.train_val + ds.test) == ds.train_val + ds.test
+    plan = phantom.plan(N, SEED)
+    assert list(ds.entries) == plan["name"]
+    for i, name in enumerate(plan["name"]):
+        e = ds.entries[name]
+        assert np.array_equal(e.labels, plan["labels"][i]), name
+        assert (e.width, e.height, e.view, e.follow_up) == (SIZE, SIZE, plan["view"][i],
+                                                           plan["follow_up"][i])
+        assert (name in ds.test) == plan["test"][i]
+        if name not in ds.boxes:
+            continue
+        _, drawn = phantom_draw.draw(np.random.default_rng([SEED, i + 1]), SIZE,
+                                     plan["labels"][i], plan["view"][i])
+        assert [(b.label, (b.x, b.y, b.w, b.h)) for b in ds.boxes[name]] == drawn, name
+    assert summary["boxes"] == sum(len(v) for v in ds.boxes.values()) > 0
+    assert summary["boxed_images"] == len(ds.boxes) >= 2
+
+
+def test_boxed_images_are_test_images_with_every_positive_box_class_boxed(tiny):
+    ds = cx.read_dataset(tiny[0])
+    for name, entry in ds.entries.items():
+        positive = set(np.flatnonzero(entry.labels[:len(BOX_CLASSES)]))
+        boxed = {b.label for b in ds.boxes.get(name, [])}
+        if name in ds.test:
+            assert boxed == positive, (name, positive, boxed)
+        else:
+            assert not boxed, name
+    for boxes in ds.boxes.values():
+        for b in boxes:
+            assert 0 <= b.x and 0 <= b.y and b.x + b.w <= SIZE and b.y + b.h <= SIZE
+
+
+def test_files_look_like_the_release(tiny):
+    out = tiny[0]
+    entry_lines = open(out / "Data_Entry_2017.csv").read().splitlines()
+    assert entry_lines[0] == ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,"
+                              "Patient Gender,View Position,OriginalImage[Width,Height],"
+                              "OriginalImagePixelSpacing[x,y],")
+    assert all(line.endswith(",") and line.count(",") == 11 for line in entry_lines)
+    box_lines = open(out / "BBox_List_2017.csv").read().splitlines()
+    assert box_lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    assert all(line.count(",") == 5 for line in box_lines[1:])
+    assert "Infiltration" not in "".join(box_lines)
+    for split in ("train_val_list.txt", "test_list.txt"):
+        assert not open(out / split).read().endswith("\n")
+    name = entry_lines[1].split(",")[0]
+    assert len(name) == len("00000001_000.png") and name.endswith("_000.png")
+    im = Image.open(out / "images" / name)
+    assert (im.mode, im.size) == ("L", (SIZE, SIZE)) and "tIME" not in str(im.info)
+    assert not [f for f in os.listdir(out) if f.startswith(".")]          # no temp files left
+    preview = Image.open(out / "preview.png")
+    assert preview.mode == "RGB" and preview.size[0] >= 256
+
+
+def test_same_seed_gives_byte_identical_files_whatever_the_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(phantom, "POOL_MIN_IMAGES", 0)
+    a = phantom.generate(tmp_path / "a", n_images=12, size=32, seed=7, workers=1)
+    b = phantom.generate(tmp_path / "b", n_images=12, size=32, seed=7, workers=2)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert {k: v for k, v in a.items() if k not in ("out", "seconds")} == \
+           {k: v for k, v in b.items() if k not in ("out", "seconds")}
+    phantom.generate(tmp_path / "c", n_images=8, size=32, seed=8)
+    phantom.generate(tmp_path / "d", n_images=8, size=32, seed=8)
+    phantom.generate(tmp_path / "e", n_images=8, size=32, seed=9)
+    assert digest(tmp_path / "c") == digest(tmp_path / "d") != digest(tmp_path / "e")
+
+
+def test_label_noise_flips_train_val_labels_only(tmp_path):
+    s = phantom.generate(tmp_path, n_images=40, size=32, seed=1, label_noise=0.5)
+    ds, plan = cx.read_dataset(tmp_path), phantom.plan(40, 1)
+    flipped = 0
+    for i, name in enumerate(plan["name"]):
+        diff = int((ds.entries[name].labels != plan["labels"][i]).sum())
+        assert diff == 0 or name in ds.train_val
+        flipped += diff
+    assert flipped == s["label_flips"] and 0.3 < flipped / (len(ds.train_val) * 14) < 0.7
+
+
+def test_interrupted_run_leaves_no_half_file_and_no_data_entry(tmp_path, monkeypatch, capsys):
+    calls = itertools.count(1)
+
+    def interrupted_at_5(rng, size, labels, view):
+        if next(calls) == 5:
+            raise KeyboardInterrupt
+        return real(rng, size, labels, view)
+    real = phantom.draw
+    monkeypatch.setattr(phantom, "draw", interrupted_at_5)
+    with pytest.raises(SystemExit) as e:
+        phantom.main(["--out", str(tmp_path / "a"), "--n-images", "10", "--size", "32"])
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"phantom: interrupted; {tmp_path / 'a'} is unfinished\n")
+    assert sorted(os.listdir(tmp_path / "a")) == ["images"]
+    assert len(os.listdir(tmp_path / "a" / "images")) == 4                # no temp file either
+    monkeypatch.setattr(phantom, "draw", real)
+
+    def broken(path, entries):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(phantom, "write_data_entry", broken)
+    with pytest.raises(KeyboardInterrupt):
+        phantom.generate(tmp_path / "b", n_images=6, size=32)
+    assert sorted(os.listdir(tmp_path / "b")) == ["BBox_List_2017.csv", "images", "test_list.txt",
+                                                  "train_val_list.txt"]
+    with pytest.raises(cx.DataError, match="none of Data_Entry_2017_v2020.csv"):
+        cx.read_dataset(tmp_path / "b")
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_box_class_draws_tight_boxes_inside_the_image(size):
+    multi = 0
+    for c, name in enumerate(BOX_CLASSES):
+        for k in range(6):
+            y = np.zeros(len(CLASSES), np.uint8)
+            y[c] = 1
+            img, boxes = phantom_draw.draw(np.random.default_rng([3, c, k]), size, y, "PA")
+            assert img.dtype == np.uint8 and img.shape == (size, size)
+            assert boxes and all(label == c for label, _ in boxes), (name, k)
+            for _, (x0, y0, w, h) in boxes:
+                assert x0 >= 0 and y0 >= 0 and w >= 1 and h >= 1
+                assert x0 + w <= size and y0 + h <= size
+                if name == "Nodule":            # stays small: at most 136 px of 1024
+                    assert max(w, h) <= 136 * size / 1024 + 2
+            multi += len(boxes) > 1
+    assert 0.15 < multi / (8 * 6) < 0.6
+
+
+def test_lesions_change_the_picture_where_their_box_is():
+    y = np.zeros(len(CLASSES), np.uint8)
+    y[CLASSES.index("Nodule")] = 1
+    with_nodule, boxes = phantom_draw.draw(np.random.default_rng([5, 0]), 128, y, "PA")
+    without, none = phantom_draw.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")
+    assert none == []
+    diff = np.abs(with_nodule.astype(int) - without.astype(int))
+    for _, (x0, y0, w, h) in boxes:
+        inside = diff[int(y0):int(y0 + h), int(x0):int(x0 + w)]
+        assert inside.mean() > 5 * max(diff.mean(), 0.1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-images", "0"], "n_images must be a whole number >= 4, got 0"),
+    (["--size", "8"], r"size must be a whole number in \[32, 2048\], got 8"),
+    (["--seed", "-1"], "seed must be a whole number >= 0, got -1"),
+    (["--label-noise", "2"], r"label_noise must be a probability in \[0, 0.5\], got 2.0"),
+    (["--size", "big"], "argument --size: invalid int value: 'big'"),
+])
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        phantom.main(["--out", str(tmp_path / "o")] + args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m minimal_amkp.phantom: error: ")
+    assert re.search(message, err[-1]), err[-1]
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_cli_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        phantom.main(["--out", str(tmp_path / "f"), "--n-images", "4", "--size", "32"])
+    assert re.search(r"error: out '.*f' exists and is not a folder$", capsys.readouterr().err)
+
+
+def test_cli_writes_a_dataset_and_prints_a_summary(tmp_path, capsys):
+    phantom.main(["--out", str(tmp_path), "--n-images", "6", "--size", "32", "--seed", "3",
+                  "--preview"])
+    cap = capsys.readouterr()
+    assert cap.out.startswith("phantom: 6 images of 32 px in ")
+    assert "\rphantom: 6/6 images" in cap.err
+    assert len(cx.read_dataset(tmp_path).entries) == 6 and (tmp_path / "preview.png").exists()
