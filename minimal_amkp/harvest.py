@@ -1,0 +1,151 @@
+"""Harvest boxes from attention-mining heatmaps (Sec. 3.2, "Bbox Generation"), plus a box prior.
+
+Mining hands over H_1..H_T (eq. 7) for the 8 box classes of every mining image. For each image
+and each box class its LABEL says is present (mining never looks at the hand-drawn boxes) the
+heatmap is upsampled to the image's frame and turned into up to 3 ranked boxes by the
+reference. The AM boxes come from H_f (eq. 8), the baseline's from H_1 alone (t = 1, Sec. 3.2).
+
+Frame: boxes live in the pixel frame of the image's PNG, as in BBox_List_2017.csv. That is
+the PNG's own size, read from its header; Data_Entry's OriginalImage[Width,Height] is the scan
+before NIH resized it to 1024 px and is NOT the boxes' frame (the phantom writes equal values).
+
+Pixel-centre convention (that of PIL resize and torch interpolate(align_corners=False)):
+the h×w map covers the S×S model input, which is the W×H PNG resized, so map cell (r, c) is
+the value at the centre of the PNG rectangle [c W/w, (c+1) W/w) × [r H/h, (r+1) H/h). PNG
+pixel X spans [X, X+1), centre X + 0.5, and is sampled at map coordinate (X + 0.5) w/W − 0.5
+(clamped to the edge cells). The reference boxes pixel columns x0..x1 as (x0, ·, x1 − x0 + 1, ·),
+so a harvested box is in exactly the coordinates of BBox_List_2017.csv, inside [0, W] × [0, H].
+"""
+import numpy as np
+from PIL import Image
+
+from minimal_amkp import reference as R
+from minimal_amkp.atomic import atomic_write_text
+from minimal_amkp.chestxray import HARVEST_HEADER, BBox, DataError, write_bbox_list
+from minimal_amkp.classes import BOX_CLASSES, CLASSES
+
+
+def check_mining(mining, ds=None):
+    """Validate the mining dict; return (names, labels (n, 14), cams, masks (T, n, 8, h, w), S)."""
+    missing = [k for k in ("names", "labels", "cams", "masks", "image_size") if k not in mining]
+    if missing:
+        raise ValueError(f"mining: missing keys {missing}")
+    names = list(mining["names"])
+    labels = np.asarray(mining["labels"])
+    cams, masks = np.asarray(mining["cams"]), np.asarray(mining["masks"])
+    n, c = len(names), len(BOX_CLASSES)
+    if cams.ndim != 5 or cams.shape[0] == 0 or cams.shape[1:3] != (n, c) or 0 in cams.shape:
+        raise ValueError(f"mining['cams'] must be (T >= 1, n = {n} names, {c}, h, w), got {cams.shape}")
+    if masks.shape != cams.shape:
+        raise ValueError(f"mining['masks'] shape {masks.shape} must equal mining['cams'] shape {cams.shape}")
+    if labels.shape != (n, len(CLASSES)):
+        raise ValueError(f"mining['labels'] must be (n = {n} names, {len(CLASSES)}), got {labels.shape}")
+    if len(set(names)) != n:
+        raise ValueError(f"mining['names'] holds duplicates ({n} names, {len(set(names))} distinct)")
+    size = mining["image_size"]
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"mining['image_size'] must be a positive int, got {size!r}")
+    if ds is not None:
+        unknown = [x for x in names if x not in ds.entries]
+        if unknown:
+            raise ValueError(f"mining['names']: {len(unknown)} not in the dataset, e.g. {unknown[0]!r}")
+    return names, labels, cams, masks, int(size)
+
+
+def frame(ds, name):
+    """(width, height) of the image's PNG, the frame its boxes are in; reads only the header."""
+    path = ds.image_path(name)
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def fused(cams, masks):
+    """Eq. (8) over the whole batch: cams, masks (T, n, 8, h, w) -> H_f (n, 8, h, w)."""
+    return R.fuse_heatmaps(list(cams), list(masks))
+
+
+def bilinear_matrix(n_out, n_in):
+    """(n_out, n_in) weights A with up = A @ v: bilinear under the pixel-centre convention above."""
+    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(src).astype(int)
+    frac = src - i0
+    a = np.zeros((n_out, n_in))
+    np.add.at(a, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(a, (np.arange(n_out), np.minimum(i0 + 1, n_in - 1)), frac)
+    return a
+
+
+def upsample(h, width, height):
+    """Bilinear resize of a map (h, w) to (height, width); separable, so two matrix products."""
+    h = np.asarray(h, dtype=np.float64)
+    return bilinear_matrix(height, h.shape[0]) @ h @ bilinear_matrix(width, h.shape[1]).T
+
+
+def harvest(heatmaps, names, labels, frames, k=3):
+    """Up to k ranked boxes per image and positive box class, in each image's frame.
+
+    heatmaps (n, 8, h, w); labels (n, 14); frames: n (width, height). -> list[BBox] with score, rank.
+    """
+    out = []
+    for i, name in enumerate(names):
+        width, height = frames[i]
+        for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
+            up = upsample(heatmaps[i, c], width, height)                     # (H, W)
+            for r, (x, y, w, h, s) in enumerate(R.boxes_from_heatmap(up, k=k), start=1):
+                out.append(BBox(name, int(c), float(x), float(y), float(w), float(h), float(s), r))
+    return out
+
+
+def box_prior(names, labels, frames, boxes):
+    """Each class's mean ground-truth box, one per positive image and class, leave-one-image-out.
+
+    ChestX-ray14's training split has no boxes, so the only boxes to average are the mining
+    set's own: image i gets the mean over the OTHER mining images' boxes of that class. It is a
+    generous baseline (it has seen the other images' true boxes) that needs no image at all.
+    Boxes are averaged as centre and size relative to their image's frame, then mapped into
+    image i's frame (so the mean box lies inside it). Score 1, rank 1; no box where no other
+    image has a box of that class. boxes: dict name -> list[BBox], as ChestXray14.boxes.
+    """
+    owner, rel = [[] for _ in BOX_CLASSES], [[] for _ in BOX_CLASSES]   # per class: image index,
+    for i, name in enumerate(names):                                     # (cx/W, cy/H, w/W, h/H)
+        width, height = frames[i]
+        for b in boxes.get(name, ()):
+            owner[b.label].append(i)
+            rel[b.label].append(((b.x + b.w / 2) / width, (b.y + b.h / 2) / height,
+                                 b.w / width, b.h / height))
+    owner = [np.array(o, dtype=int) for o in owner]
+    rel = [np.array(r).reshape(-1, 4) for r in rel]
+    out = []
+    for i, name in enumerate(names):
+        width, height = frames[i]
+        for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
+            # The mean of the others' boxes themselves, not (total - own) / k: no rounding
+            # residue of the image's own box can leak into its prior.
+            others = rel[c][owner[c] != i]
+            if len(others) == 0:
+                continue
+            cx, cy, w, h = (float(v) for v in others.mean(axis=0))
+            w, h = w * width, h * height
+            out.append(BBox(name, int(c), cx * width - w / 2, cy * height - h / 2, w, h, 1.0, 1))
+    return out
+
+
+def by_class(boxes, names):
+    """Per box class, {image: (k, 5) rows (x, y, w, h, score) in rank order}, the metric's pred."""
+    pred = [{} for _ in BOX_CLASSES]
+    for b in sorted(boxes, key=lambda b: b.rank):
+        pred[b.label].setdefault(b.image, []).append((b.x, b.y, b.w, b.h, b.score))
+    return [{name: np.array(p[name]).reshape(-1, 5) for name in names if name in p} for p in pred]
+
+
+def write_boxes_csv(path, boxes):
+    """boxes.csv: BBox_List_2017.csv columns plus score and rank (chestxray.write_bbox_list)."""
+    if boxes:
+        write_bbox_list(path, boxes)
+    else:        # write_bbox_list picks its header from the boxes; none still means harvested
+        atomic_write_text(path, ",".join(HARVEST_HEADER) + "\n")

@@ -1,0 +1,184 @@
+"""The end of a run: harvested boxes, the numbers of Table 2, and pictures, in one folder.
+
+write_report(out_dir, mining, ds, test, config) writes
+    boxes.csv       AM boxes (from H_f), BBox_List_2017.csv columns + score, rank
+    figures/*.png   Fig. 2-style strips (figures.py)
+    report.md       the tables below, with links to the figures
+    report.json     every number, machine-readable (NaN as null); written last
+Every number comes from minimal_amkp.reference (auroc, acc_afp_table, max_box_acc_v2); this
+module only arranges inputs and outputs. Three localizers are compared on the mining images:
+the box prior (no image, harvest.box_prior), the baseline H_1 (t = 1) and AM's H_f (t = T).
+"""
+import json
+import math
+import os
+
+import numpy as np
+
+from minimal_amkp import reference as R
+from minimal_amkp.atomic import atomic_write_text
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, SHORT_NAMES
+from minimal_amkp.figures import write_figures
+from minimal_amkp.harvest import (box_prior, by_class, check_mining, frame, fused, harvest,
+                                  upsample, write_boxes_csv)
+
+METHODS = ("prior", "baseline", "am")
+TITLES = {"prior": "Box prior (mean GT box, leave-one-image-out)",
+          "baseline": "Baseline (H_1, t = 1)", "am": "AM (H_f, eq. 8, t = T)"}
+OVERLAPS = {"iou": "T(IoU)", "iobb": "T(IoBB)"}
+SUMMARY_IOU = 0.3
+# MaxBoxAccV2 thresholds each map 100 times. It is evaluated in the S×S model-input frame
+# (Choe et al. use 224 px), capped at this size: IoU does not change when both boxes are scaled
+# alike, so the cap costs little accuracy and saves minutes on 1024-px inputs.
+MAXBOX_SIZE = 256
+
+
+def check_test(test):
+    """Validate the test dict; return scores (M, 14), labels (M, 14)."""
+    missing = [k for k in ("names", "scores", "labels") if k not in test]
+    if missing:
+        raise ValueError(f"test: missing keys {missing}")
+    m, c = len(test["names"]), len(CLASSES)
+    scores, labels = np.asarray(test["scores"], dtype=np.float64), np.asarray(test["labels"])
+    if scores.shape != (m, c) or labels.shape != (m, c):
+        raise ValueError(f"test['scores'] {scores.shape} and test['labels'] {labels.shape} must "
+                         f"both be (M = {m} names, {c})")
+    return scores, labels
+
+
+def ground_truth(names, boxes):
+    """Per box class, {image: (g, 4)} for every mining image (empty where it has no such box)."""
+    return [{name: np.array([(b.x, b.y, b.w, b.h) for b in boxes.get(name, ()) if b.label == c]
+                            ).reshape(-1, 4) for name in names} for c in range(len(BOX_CLASSES))]
+
+
+def max_box_acc(heatmaps, names, frames, gt, size):
+    """MaxBoxAccV2 (reference) per box class over its images with ground truth, and their mean.
+
+    Each map is upsampled to size × size and the ground truth scaled by size/W, size/H.
+    heatmaps (n, 8, h, w); gt as ground_truth(). -> {class: result or None, "mean": float}.
+    """
+    out = {}
+    for c, cls in enumerate(BOX_CLASSES):
+        pairs = [(upsample(heatmaps[i, c], size, size),
+                  gt[c][name] * np.tile([size / frames[i][0], size / frames[i][1]], 2))
+                 for i, name in enumerate(names) if len(gt[c][name])]
+        out[cls] = R.max_box_acc_v2(*zip(*pairs)) if pairs else None
+    out["mean"] = nanmean([r["value"] for r in out.values() if r is not None])
+    return out
+
+
+def nanmean(values):
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else math.nan
+
+
+def jsonable(x):
+    """NumPy -> plain Python for json; NaN and infinities -> None (JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def fmt(v):
+    return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
+
+
+def markdown(r, figures):
+    """report.md from the report dict r (before jsonable) and the figure paths."""
+    s = r["summary"]
+    lines = [
+        "# Attention-mining report", "",
+        f"{r['n_mining_images']} mining images, T = {r['T']} mining steps, model input "
+        f"{r['image_size']}×{r['image_size']}, heatmaps {r['heatmap_size'][0]}×"
+        f"{r['heatmap_size'][1]}, {sum(r['n_gt_boxes'].values())} ground-truth boxes.", "",
+        f"**Mean Acc over the 8 box classes at T(IoU) = {SUMMARY_IOU}:** box prior "
+        f"{fmt(s['prior'])}, baseline (t = 1) {fmt(s['baseline'])}, AM (t = T) {fmt(s['am'])}.", "",
+        "## Boxes per class", "",
+        "| | " + " | ".join(SHORT_NAMES) + " |", "|" + "---|" * (len(SHORT_NAMES) + 1),
+        "| ground truth | " + " | ".join(str(r["n_gt_boxes"][c]) for c in BOX_CLASSES) + " |",
+        *("| " + m + " | " + " | ".join(str(r["n_boxes"][m][c]) for c in BOX_CLASSES) + " |"
+          for m in METHODS), ""]
+    for ov, head in OVERLAPS.items():
+        same = " The same bounds serve T(IoBB)." if ov == "iobb" else ""
+        lines += [f"## Localization, Acc-AFP at {head} (Table 2)", "",
+                  f"Boxes are taken from the ranked list B until AFP would pass the bound (the "
+                  f"\"ref.\" AFP of Table 2).{same}", ""]
+        for m in METHODS:
+            lines += [f"### {TITLES[m]}", "", R.format_acc_afp(r["acc_afp"][ov][m]), ""]
+    lines += ["## MaxBoxAccV2 (mean over δ ∈ {0.3, 0.5, 0.7})", "",
+              "| method | " + " | ".join(SHORT_NAMES) + " | mean |",
+              "|" + "---|" * (len(SHORT_NAMES) + 2)]
+    for m in ("baseline", "am"):
+        mb = r["max_box_acc_v2"][m]
+        cells = [fmt(mb[c]["value"] if mb[c] else None) for c in BOX_CLASSES]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(mb['mean'])} |")
+    lines += ["", f"## Classification, AUROC on the test split ({r['n_test_images']} images)", "",
+              "| class | AUROC | positives |", "|---|---|---|"]
+    lines += [f"| {c} | {fmt(r['auroc'][c])} | {r['test_positives'][c]} |" for c in CLASSES]
+    lines += [f"| mean | {fmt(r['mean_auroc'])} | |", "", "## Figures", "",
+              "Image with ground truth (red); H_1 with the baseline's boxes (green); H_2..H_T with the "
+              "region erased before that step hatched; H_f with the AM boxes (green).", ""]
+    lines += [f"![{os.path.basename(p)}]({p})" for p in figures]
+    lines += ["", "## Notes", "",
+              "- Box prior: each class's mean ground-truth box (relative centre and size), one per "
+              "positive image, averaged over the OTHER mining images' boxes. ChestX-ray14's training "
+              "split has no boxes, so this is a generous prior: it has seen the other true boxes.",
+              "- Harvested boxes: up to 3 per image and labelled box class, from the heatmap upsampled "
+              "bilinear (pixel centres at X + 0.5) to the PNG's frame; boxes.csv holds the AM boxes.",
+              f"- MaxBoxAccV2 is computed per class in a {r['max_box_acc_v2_size']}-px square frame "
+              "(the model input, capped); its mean is over classes.", "", "## Config", "", "```json",
+              json.dumps(jsonable(r["config"]), indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir, mining, ds, test, config):
+    """Harvest, evaluate and draw; write boxes.csv, figures/, report.md, report.json. -> report dict.
+
+    mining: names (n), labels (n, 14), cams and masks (T, n, 8, h, w), image_size S;
+    ds: ChestXray14; test: names (M), scores (M, 14), labels (M, 14); config: JSON-able dict.
+    """
+    names, labels, cams, masks, size = check_mining(mining, ds)
+    scores, test_labels = check_test(test)
+    try:
+        json.dumps(jsonable(config))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config: not JSON-able ({e})") from None
+    frames = [frame(ds, name) for name in names]
+    h_1, h_f = np.asarray(cams[0], dtype=np.float64), fused(cams, masks)   # (n, 8, h, w) each
+    boxes = {"prior": box_prior(names, labels, frames, ds.boxes),
+             "baseline": harvest(h_1, names, labels, frames),
+             "am": harvest(h_f, names, labels, frames)}
+    gt = ground_truth(names, ds.boxes)
+    acc_afp = {ov: {m: R.acc_afp_table(by_class(boxes[m], names), gt, overlap=ov) for m in METHODS}
+               for ov in OVERLAPS}
+    at = R.DEFAULT_IOU_THRESHOLDS.index(SUMMARY_IOU)
+    auroc = {c: R.auroc(scores[:, k], test_labels[:, k]) for k, c in enumerate(CLASSES)}
+    r = dict(
+        n_mining_images=len(names), T=int(cams.shape[0]), image_size=size,
+        heatmap_size=list(cams.shape[3:]), n_test_images=len(scores),
+        n_gt_boxes={c: sum(len(g) for g in gt[k].values()) for k, c in enumerate(BOX_CLASSES)},
+        n_boxes={m: {c: sum(b.label == k for b in boxes[m]) for k, c in enumerate(BOX_CLASSES)}
+                 for m in METHODS},
+        summary={m: nanmean(acc_afp["iou"][m]["acc"][at]) for m in METHODS},
+        acc_afp=acc_afp, afp_bounds=R.DEFAULT_AFP_BOUNDS,
+        max_box_acc_v2_size=min(size, MAXBOX_SIZE),
+        max_box_acc_v2={m: max_box_acc(h, names, frames, gt, min(size, MAXBOX_SIZE))
+                        for m, h in (("baseline", h_1), ("am", h_f))},
+        auroc=auroc, mean_auroc=nanmean(list(auroc.values())),
+        test_positives={c: int(test_labels[:, k].sum()) for k, c in enumerate(CLASSES)},
+        config=config)
+    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"])
+    write_boxes_csv(os.path.join(out_dir, "boxes.csv"), boxes["am"])
+    atomic_write_text(os.path.join(out_dir, "report.md"), markdown(r, figures))
+    r["figures"] = figures
+    r = jsonable(r)
+    atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(r, indent=1) + "\n")
+    return r

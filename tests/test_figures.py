@@ -1,0 +1,106 @@
+"""figures.py: the drawing helpers and the Fig. 2-style strips written for a mining result."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_harvest import make_world
+
+from minimal_amkp import figures as F
+from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.harvest import frame, fused, harvest
+
+
+def test_save_png_round_trip_and_atomic(tmp_path):
+    a = np.arange(7 * 5 * 3, dtype=np.uint8).reshape(7, 5, 3)
+    F.save_png(tmp_path / "a.png", a)
+    F.save_png(tmp_path / "g.png", np.linspace(0, 1, 35).reshape(5, 7))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), a)
+    g = np.asarray(Image.open(tmp_path / "g.png"))
+    assert g.shape == (5, 7) and g[0, 0] == 0 and g[-1, -1] == 255
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "g.png"]          # no temporaries left
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((4, 4, 2), np.uint8), "shape (4, 4, 2)"),
+    (np.zeros((0, 4), np.uint8), "shape (0, 4)"),
+    (np.zeros(4, np.uint8), "shape (4,)"),
+    (np.zeros((4, 4), np.int32), "dtype int32"),
+])
+def test_save_png_bad_input(tmp_path, array, message):
+    with pytest.raises(ValueError) as e:
+        F.save_png(tmp_path / "x.png", array)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.listdir(tmp_path)
+
+
+def test_overlay_hatches_erased_region_and_colours_the_rest():
+    image = np.full((20, 30), 0.5)
+    heat = np.tile(np.linspace(0, 1, 30), (20, 1))
+    mask = np.ones((20, 30))
+    mask[5:10, 20:] = 0                      # erase part of the hot side
+    rgb = F.overlay_heatmap(image, heat, mask)
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    erased = rgb[5:10, 20:].reshape(-1, 3)
+    assert np.all(erased[:, 0] == erased[:, 1]) and np.all(erased[:, 1] == erased[:, 2])  # grey
+    assert len(np.unique(erased[:, 0])) == 2                           # dimmed + hatch lines
+    assert rgb[0, -1, 0] > rgb[0, -1, 2] and rgb[0, 0, 2] > rgb[0, 0, 0]  # hot red, cold blue
+    flat = F.overlay_heatmap(image, np.zeros((20, 30)))                # constant map: no NaN
+    assert np.all(flat == flat[0, 0])
+
+
+def test_overlay_bad_shapes():
+    with pytest.raises(ValueError, match=r"image \(4, 5\), heat \(4, 4\)"):
+        F.overlay_heatmap(np.zeros((4, 5)), np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"mask \(3, 5\)"):
+        F.overlay_heatmap(np.zeros((4, 5)), np.zeros((4, 5)), np.ones((3, 5)))
+
+
+def test_draw_boxes_covers_the_boxes_pixels():
+    rgb = np.zeros((12, 16, 3), np.uint8)
+    out = F.draw_boxes(rgb, [(3, 2, 5, 4)], F.RED, width=1)            # columns 3..7, rows 2..5
+    on = np.all(out == F.RED, axis=-1)
+    want = np.zeros((12, 16), bool)
+    want[2:6, 3:8] = True
+    want[3:5, 4:7] = False
+    bad = np.argwhere(on != want)
+    assert bad.size == 0, f"first mismatch at {tuple(bad[0])}"
+    assert np.all(rgb == 0)                                            # input untouched
+    np.testing.assert_array_equal(F.draw_boxes(rgb, np.zeros((0, 4)), F.RED), rgb)
+    with pytest.raises(ValueError, match=r"boxes \(K, >=4\)"):
+        F.draw_boxes(rgb, np.zeros((2, 3)), F.RED)
+
+
+def test_write_figures_names_and_sizes(tmp_path):
+    ds, mining = make_world(tmp_path)
+    names, labels = mining["names"], mining["labels"]
+    frames = [frame(ds, n) for n in names]
+    h_f = fused(mining["cams"], mining["masks"])
+    base, am = harvest(mining["cams"][0], names, labels, frames), harvest(h_f, names, labels, frames)
+    paths = F.write_figures(tmp_path / "out", mining, ds, h_f, base, am, per_class=2, panel=64)
+    picks = F.sample(names, labels, ds, 2)
+    assert paths == [os.path.join("figures", f"{BOX_CLASSES[c]}_{names[i][:-4]}.png") for c, i in picks]
+    for c in range(len(BOX_CLASSES)):
+        positive = int(labels[:, c].sum())
+        assert sum(pc == c for pc, _ in picks) == min(2, positive)
+    T = mining["cams"].shape[0]
+    for p in paths:
+        im = Image.open(tmp_path / "out" / p)
+        assert im.size == ((T + 2) * (64 + 4) + 4, 2 * 16 + 64 + 4) and im.mode == "RGB"
+
+
+def test_sample_prefers_images_with_a_box(tmp_path):
+    ds, mining = make_world(tmp_path)
+    labels = mining["labels"].copy()
+    labels[:, 0] = 1                        # every image labelled Atelectasis; only 0 and 1 boxed
+    ds.boxes[mining["names"][0]] = [b for b in ds.boxes[mining["names"][0]] if b.label != 0]
+    picks = [i for c, i in F.sample(mining["names"], labels, ds, 2) if c == 0]
+    assert picks == [1, 0]                  # image 0's box is gone: the boxed one first, then by name
+
+
+@pytest.mark.parametrize("h, p", [(8, 64), (7, 64), (16, 50), (1, 5), (5, 5)])
+def test_cells_takes_the_cell_under_each_pixel_centre(h, p):
+    m = np.arange(h * h).reshape(h, h)
+    got = F.cells(m, p)
+    centre = np.floor((np.arange(p) + 0.5) * h / p).astype(int)
+    np.testing.assert_array_equal(got, m[np.ix_(centre, centre)])

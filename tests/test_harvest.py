@@ -1,0 +1,219 @@
+"""harvest.py: boxes from heatmaps in the PNG frame, boxes.csv, the leave-one-out box prior.
+
+make_world() builds the small synthetic dataset and mining result that test_report.py and
+test_figures.py use too: PNGs of awkward, non-square sizes on disk, each class's heatmap peaked
+exactly on that image's ground-truth box, masks from the reference mask update.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from minimal_amkp import harvest as H
+from minimal_amkp import reference as R
+from minimal_amkp.chestxray import BBox, ChestXray14, Entry, read_bbox_list
+from minimal_amkp.classes import BOX_CLASSES, CLASSES
+
+CELL = 8          # PNG pixels per heatmap cell along each axis in make_world
+# (width, height) in heatmap cells, and per image the (class, cell box (col, row, w, h)) it shows.
+WORLD = [((8, 6), [(0, (1, 1, 2, 2)), (3, (5, 2, 2, 3))]),
+         ((5, 7), [(0, (2, 3, 2, 3))]),
+         ((6, 6), [(1, (1, 2, 4, 3))]),
+         ((7, 5), [(3, (0, 0, 3, 2))]),
+         ((6, 8), [(5, (3, 5, 1, 1)), (2, (0, 6, 3, 2))]),
+         ((8, 8), [(1, (2, 2, 3, 3))])]
+MAP = 8           # heatmap side h = w; the S×S model input is the PNG resized, so cells are not square
+
+
+def make_world(tmp_path, T=3, no_box_positive=True):
+    """-> (ds, mining). Cells are CELL px of the PNG; maps are MAP×MAP over the resized image."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries, boxes, names = {}, {}, []
+    base = np.zeros((len(WORLD), len(BOX_CLASSES), MAP, MAP))
+    for i, ((wc, hc), finds) in enumerate(WORLD):
+        name = f"{i:08d}_000.png"
+        width, height = wc * CELL, hc * CELL
+        img = rng.integers(40, 90, (height, width)).astype(np.uint8)
+        labels = np.zeros(len(CLASSES), np.uint8)
+        for c, (x, y, w, h) in finds:
+            labels[c] = 1
+            img[y * CELL:(y + h) * CELL, x * CELL:(x + w) * CELL] += 120
+            boxes.setdefault(name, []).append(BBox(name, c, x * CELL, y * CELL, w * CELL, h * CELL))
+            # The map cell grid covers the image; cell (r, q) of a MAP×MAP map spans wc/MAP PNG
+            # cells across, so the box is drawn where the map's cell centres fall inside it.
+            cx = (np.arange(MAP) + 0.5) * wc / MAP
+            cy = (np.arange(MAP) + 0.5) * hc / MAP
+            inside = ((cy[:, None] >= y) & (cy[:, None] < y + h)) & ((cx >= x) & (cx < x + w))
+            base[i, c] = inside + 0.05 * rng.random((MAP, MAP))
+        if no_box_positive and i == 2:
+            labels[4] = 1           # labelled Mass but no Mass box: its boxes are false positives
+        labels[10] = i % 2          # an unboxed class, ignored by harvesting
+        base[i, 4] += rng.random((MAP, MAP))
+        Image.fromarray(img).save(root / "images" / name)
+        entries[name] = Entry(name, labels, 0, i, 50, "M", "PA", width, height, (0.14, 0.14))
+        names.append(name)
+    ds = ChestXray14(str(root), entries, boxes, [], [])
+    cams, masks = [], [np.ones(base.shape, np.uint8)]
+    for t in range(T):
+        cams.append((base * masks[t]).astype(np.float32))
+        masks.append(R.update_masks(cams[t], masks[t]).astype(np.uint8))
+    mining = dict(names=names, labels=np.stack([entries[n].labels for n in names]),
+                  cams=np.stack(cams), masks=np.stack(masks[:T]), image_size=48)
+    return ds, mining
+
+
+def frames_of(ds, names):
+    return [H.frame(ds, n) for n in names]
+
+
+def test_frame_is_png_size_not_data_entry(tmp_path):
+    ds, mining = make_world(tmp_path)
+    name = mining["names"][0]
+    entry = ds.entries[name]
+    ds.entries[name] = Entry(name, entry.labels, 0, 0, 50, "M", "PA", 2500, 2048, (0.1, 0.1))
+    assert H.frame(ds, name) == (8 * CELL, 6 * CELL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 40), st.integers(1, 40), st.integers(0, 99))
+def test_upsample_matches_torch_align_corners_false(h, w, height, width, seed):
+    """The documented pixel-centre convention is torch's (and PIL's) bilinear, any sizes."""
+    m = np.random.default_rng(seed).standard_normal((h, w))
+    want = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=(height, width),
+                                           mode="bilinear", align_corners=False)[0, 0].numpy()
+    got = H.upsample(m, width, height)
+    bad = np.argwhere(~np.isclose(got, want, rtol=0, atol=1e-12))
+    assert got.shape == (height, width)
+    assert bad.size == 0, f"first mismatch at {tuple(bad[0])}: {got[tuple(bad[0])]} vs {want[tuple(bad[0])]}"
+
+
+def test_boxes_inside_frame_ranked_and_only_positive_classes(tmp_path):
+    ds, mining = make_world(tmp_path)
+    names, labels = mining["names"], mining["labels"]
+    frames = frames_of(ds, names)
+    boxes = H.harvest(H.fused(mining["cams"], mining["masks"]), names, labels, frames)
+    assert boxes
+    seen = {}
+    for b in boxes:
+        i = names.index(b.image)
+        width, height = frames[i]
+        assert labels[i, b.label] == 1 and b.label < len(BOX_CLASSES)
+        assert 0 <= b.x and 0 <= b.y and b.x + b.w <= width and b.y + b.h <= height, b
+        seen.setdefault((b.image, b.label), []).append(b.rank)
+    assert all(r == list(range(1, len(r) + 1)) and len(r) <= 3 for r in seen.values()), seen
+    positive = {(names[i], c) for i, c in zip(*np.nonzero(labels[:, :len(BOX_CLASSES)]))}
+    assert set(seen) == positive
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(1, 60), st.integers(1, 60),
+       st.sampled_from(["random", "constant", "zero", "spike"]), st.integers(0, 99))
+def test_harvest_any_shape_inside_frame(h, w, width, height, kind, seed):
+    rng = np.random.default_rng(seed)
+    m = {"random": rng.random((h, w)), "constant": np.full((h, w), 0.7), "zero": np.zeros((h, w)),
+         "spike": np.eye(h, w)}[kind]
+    labels = np.zeros((1, len(CLASSES)), np.uint8)
+    labels[0, 7] = 1
+    heat = np.zeros((1, len(BOX_CLASSES), h, w))
+    heat[0, 7] = m
+    boxes = H.harvest(heat, ["a.png"], labels, [(width, height)])
+    if kind in ("constant", "zero") or (kind == "spike" and h == w == 1):
+        assert boxes == []                             # no peak, no boxes
+    assert [b.rank for b in boxes] == list(range(1, len(boxes) + 1)) and len(boxes) <= 3
+    for b in boxes:
+        assert b.label == 7 and 0 <= b.x and 0 <= b.y and b.x + b.w <= width and b.y + b.h <= height, b
+
+
+def test_heatmap_on_gt_box_gives_acc_one_at_iou_03(tmp_path):
+    ds, mining = make_world(tmp_path, no_box_positive=False)
+    names = mining["names"]
+    boxes = H.harvest(mining["cams"][0], names, mining["labels"], frames_of(ds, names))
+    pred = H.by_class(boxes, names)
+    for c in range(len(BOX_CLASSES)):
+        gt = {n: np.array([(b.x, b.y, b.w, b.h) for b in ds.boxes[n] if b.label == c]).reshape(-1, 4)
+              for n in names}
+        if any(len(g) for g in gt.values()):
+            acc, afp = R.localization_accuracy(pred[c], gt, 0.3, np.inf)
+            assert acc == 1.0, f"class {BOX_CLASSES[c]}: Acc {acc}"
+    for b in boxes:                   # rank 1 is the tight box: exactly the ground truth
+        if b.rank == 1:
+            g = [x for x in ds.boxes[b.image] if x.label == b.label][0]
+            assert R.iou((b.x, b.y, b.w, b.h), (g.x, g.y, g.w, g.h)) > 0.5, (b, g)
+
+
+def test_boxes_csv_exact_and_round_trip(tmp_path):
+    ds, mining = make_world(tmp_path)
+    names = mining["names"]
+    boxes = H.harvest(mining["cams"][0], names, mining["labels"], frames_of(ds, names))
+    path = tmp_path / "boxes.csv"
+    H.write_boxes_csv(path, boxes)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],score,rank"
+    assert len(lines) == len(boxes) + 1
+    for line, b in zip(lines[1:], boxes):
+        f = line.split(",")
+        assert len(f) == 8, line
+        want = "Infiltrate" if CLASSES[b.label] == "Infiltration" else CLASSES[b.label]
+        assert f[0] == b.image and f[1] == want and int(f[7]) == b.rank
+        assert [float(v) for v in f[2:7]] == [b.x, b.y, b.w, b.h, b.score]
+    assert "Infiltrate" in path.read_text()
+    assert read_bbox_list(path) == boxes
+
+
+def test_empty_boxes_csv_keeps_harvest_header(tmp_path):
+    path = tmp_path / "boxes.csv"
+    H.write_boxes_csv(path, [])
+    assert path.read_text() == "Image Index,Finding Label,Bbox [x,y,w,h],score,rank\n"
+    assert read_bbox_list(path) == []
+
+
+def test_prior_is_mean_of_other_images_boxes(tmp_path):
+    ds, mining = make_world(tmp_path)
+    names, labels = mining["names"], mining["labels"]
+    frames = frames_of(ds, names)
+    prior = {(b.image, b.label): b for b in H.box_prior(names, labels, frames, ds.boxes)}
+    # Atelectasis: images 0 and 1 each have one box, so each one's prior is the other's box,
+    # mapped by relative centre and size into its own frame.
+    for me, other in ((0, 1), (1, 0)):
+        g = [b for b in ds.boxes[names[other]] if b.label == 0][0]
+        (ow, oh), (mw, mh) = frames[other], frames[me]
+        p = prior[(names[me], 0)]
+        np.testing.assert_allclose([p.x, p.y, p.w, p.h],
+                                   [g.x / ow * mw, g.y / oh * mh, g.w / ow * mw, g.h / oh * mh])
+        assert (p.score, p.rank) == (1.0, 1)
+    assert (names[2], 4) not in prior          # Mass: nobody has a Mass box
+    assert (names[4], 5) not in prior          # Nodule: the only box is the image's own
+
+
+def test_prior_ignores_the_images_own_box(tmp_path):
+    ds, mining = make_world(tmp_path)
+    names, labels = mining["names"], mining["labels"]
+    frames = frames_of(ds, names)
+    before = {(b.image, b.label): b for b in H.box_prior(names, labels, frames, ds.boxes)}
+    moved = dict(ds.boxes)
+    moved[names[2]] = [BBox(names[2], 1, 0.0, 0.0, 5.0, 7.0)]      # image 2's own Cardiomegaly box
+    after = {(b.image, b.label): b for b in H.box_prior(names, labels, frames, moved)}
+    assert before[(names[2], 1)] == after[(names[2], 1)]
+    assert before[(names[5], 1)] != after[(names[5], 1)]            # but it moves image 5's prior
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(masks=m["masks"][:, :, :, :-1]), "mining['masks'] shape"),
+    (lambda m: m.update(cams=m["cams"][:0], masks=m["masks"][:0]), "T >= 1"),
+    (lambda m: m.update(labels=m["labels"][:-1]), "mining['labels'] must be (n = 6"),
+    (lambda m: m.update(names=m["names"][:-1]), "mining['cams'] must be"),
+    (lambda m: m.update(names=m["names"][:-1] + m["names"][:1]), "duplicates"),
+    (lambda m: m.update(image_size=0), "image_size"),
+    (lambda m: m.pop("masks"), "missing keys ['masks']"),
+    (lambda m: m.update(names=["nope.png"] + m["names"][1:]), "not in the dataset"),
+])
+def test_check_mining_bad_input(tmp_path, change, message):
+    ds, mining = make_world(tmp_path)
+    change(mining)
+    with pytest.raises(ValueError) as e:
+        H.check_mining(mining, ds)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -1,0 +1,129 @@
+"""report.py: write_report's files, and its numbers equal to calling the reference directly."""
+import json
+import math
+
+import numpy as np
+import pytest
+from test_harvest import make_world
+
+from minimal_amkp import reference as R
+from minimal_amkp.chestxray import read_bbox_list
+from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.harvest import by_class, frame, upsample
+from minimal_amkp.report import write_report
+
+
+def make_test(m=40, seed=1):
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((m, len(CLASSES))) < 0.3).astype(np.uint8)
+    labels[:, -1] = 0                                   # Hernia: no positives, AUROC undefined
+    scores = np.clip(labels * 0.3 + rng.random(labels.shape) * 0.7, 0, 1)
+    return dict(names=[f"t{i}.png" for i in range(m)], scores=scores, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    ds, mining = make_world(tmp)
+    test = make_test()
+    out = tmp / "out"
+    r = write_report(out, mining, ds, test, {"preset": "tiny", "T": 3, "lr": 0.01})
+    return ds, mining, test, out, r
+
+
+def none_to_nan(a):
+    return np.array([[math.nan if v is None else v for v in row] for row in a])
+
+
+def gt_by_class(ds, names):
+    return [{n: np.array([(b.x, b.y, b.w, b.h) for b in ds.boxes.get(n, ()) if b.label == c]
+                         ).reshape(-1, 4) for n in names} for c in range(len(BOX_CLASSES))]
+
+
+def test_files_and_keys(run):
+    ds, mining, test, out, r = run
+    assert {p.name for p in out.iterdir()} == {"boxes.csv", "report.md", "report.json", "figures"}
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == r
+    for key in ("n_mining_images", "T", "image_size", "heatmap_size", "n_gt_boxes", "n_boxes",
+                "summary", "acc_afp", "afp_bounds", "max_box_acc_v2", "max_box_acc_v2_size", "auroc",
+                "mean_auroc", "test_positives", "config", "figures"):
+        assert key in r, key
+    assert set(r["acc_afp"]) == {"iou", "iobb"}
+    assert all(set(v) == {"prior", "baseline", "am"} for v in r["acc_afp"].values())
+    assert r["config"] == {"preset": "tiny", "T": 3, "lr": 0.01}
+    assert (r["n_mining_images"], r["T"], r["image_size"]) == (6, 3, 48)
+    assert r["auroc"]["Hernia"] is None                 # NaN written as null
+    md = (out / "report.md").read_text()
+    for p in r["figures"]:
+        assert f"]({p})" in md and (out / p).is_file()
+    assert "| T(IoU) | AT |" in md and "| T(IoBB) | AT |" in md
+
+
+def test_numbers_equal_reference(run):
+    ds, mining, test, out, r = run
+    names = mining["names"]
+    gt = gt_by_class(ds, names)
+    am = read_bbox_list(out / "boxes.csv")
+    for overlap in ("iou", "iobb"):
+        want = R.acc_afp_table(by_class(am, names), gt, overlap=overlap)
+        got = r["acc_afp"][overlap]["am"]
+        np.testing.assert_array_equal(none_to_nan(got["acc"]), want["acc"])
+        np.testing.assert_array_equal(none_to_nan(got["afp"]), want["afp"])
+        assert got["thresholds"] == list(R.DEFAULT_IOU_THRESHOLDS)
+    for c, name in enumerate(CLASSES):
+        want = R.auroc(test["scores"][:, c], test["labels"][:, c])
+        assert (r["auroc"][name] is None and math.isnan(want)) or r["auroc"][name] == want, name
+    c, size = 1, r["max_box_acc_v2_size"]               # Cardiomegaly: images 2 and 5
+    assert size == 48                                   # the model input, below the cap
+    maps, boxes = [], []
+    for i, n in enumerate(names):
+        if len(gt[c][n]):
+            w, h = frame(ds, n)
+            maps.append(upsample(mining["cams"][0, i, c], size, size))
+            boxes.append(gt[c][n] * np.array([size / w, size / h] * 2))
+    want = json.loads(json.dumps(R.max_box_acc_v2(maps, boxes)))
+    assert r["max_box_acc_v2"]["baseline"]["Cardiomegaly"] == want
+
+
+def test_heatmap_on_gt_gives_acc_one_and_summary(run):
+    ds, mining, test, out, r = run
+    at = list(R.DEFAULT_IOU_THRESHOLDS).index(0.3)
+    for m in ("baseline", "am"):
+        acc = r["acc_afp"]["iou"][m]["acc"][at]
+        has_gt = [r["n_gt_boxes"][c] > 0 for c in BOX_CLASSES]
+        assert all(a == 1.0 for a, g in zip(acc, has_gt) if g), (m, acc)
+        assert all(a is None for a, g in zip(acc, has_gt) if not g), (m, acc)
+        assert r["summary"][m] == 1.0
+    assert 0 <= r["summary"]["prior"] <= 1
+
+
+def test_one_image_one_step(tmp_path):
+    """N = 1 and T = 1: the prior has no other image to learn from, H_f is H_1."""
+    ds, mining = make_world(tmp_path, T=1)
+    one = dict(names=mining["names"][:1], labels=mining["labels"][:1], cams=mining["cams"][:, :1],
+               masks=mining["masks"][:, :1], image_size=48)
+    r = write_report(tmp_path / "out", one, ds, make_test(m=5), {})
+    assert r["T"] == 1 and r["n_mining_images"] == 1
+    assert sum(r["n_boxes"]["prior"].values()) == 0 and r["summary"]["prior"] == 0.0  # GT, no boxes
+    assert r["acc_afp"]["iou"]["baseline"] == r["acc_afp"]["iou"]["am"]
+    assert len(read_bbox_list(tmp_path / "out" / "boxes.csv")) == sum(r["n_boxes"]["am"].values())
+
+
+@pytest.mark.parametrize("which, change, message", [
+    ("mining", lambda m: m.update(masks=m["masks"][:, :, :, 1:]), "mining['masks'] shape"),
+    ("mining", lambda m: m.update(cams=m["cams"][:0], masks=m["masks"][:0]), "T >= 1"),
+    ("mining", lambda m: m.update(labels=m["labels"][:3]), "mining['labels'] must be"),
+    ("test", lambda t: t.update(labels=t["labels"][:-1]), "test['labels']"),
+    ("test", lambda t: t.update(scores=t["scores"][:, :8]), "test['scores']"),
+    ("test", lambda t: t.pop("scores"), "test: missing keys ['scores']"),
+    ("config", lambda c: c.update(bad=object()), "config: not JSON-able"),
+])
+def test_bad_input(tmp_path, which, change, message):
+    ds, mining = make_world(tmp_path)
+    args = dict(mining=mining, test=make_test(), config={})
+    change(args[which])
+    with pytest.raises(ValueError) as e:
+        write_report(tmp_path / "out", args["mining"], ds, args["test"], args["config"])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists()
