@@ -1,0 +1,102 @@
+"""What the kernel tests share: devices, dtypes, tolerances, comparison and output poisoning.
+
+Tolerances live here, in one table. Every check is |got - want| <= TOL * scale elementwise,
+where `want` is the float64 reference on the very inputs the kernel saw (bf16 inputs are
+rounded first, so only the kernel's own rounding counts) and `scale` is the same math on
+absolute values (inputs and upstream gradients), which bounds the rounding error of a sum
+of products term by term; an all-zero mask gives scale 0 and demands an exact 0.
+"""
+import contextlib
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import settings
+
+from kernels import launch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter upcasts bf16 tiles to fp32 like the compiled kernels do, so bf16 runs on CPU too.
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {
+    # Interpreter: NumPy fp32 matmul and sums, relative rounding ~2^-24 per term.
+    (torch.float32, "cpu"): 1e-5,
+    # GPU: fp32 tl.dot runs in TF32 (10-bit mantissa), each product off by up to ~2^-10.
+    (torch.float32, "cuda"): 2e-3,
+    # Outputs rounded to bf16 (8-bit mantissa, 2^-9 relative) after fp32 accumulation.
+    (torch.bfloat16, "cpu"): 1e-2,
+    (torch.bfloat16, "cuda"): 1e-2,
+}
+# Under the interpreter every example costs ~0.1-1 s of the shared CPU: few, fixed examples.
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, print_blob=True)
+
+
+def module(name):
+    """The kernel module itself: the package attribute of the same name is the function."""
+    return importlib.import_module(f"kernels.{name}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def poison_outputs():
+    """Every kernel output starts as NaN, so an element no program wrote fails the comparison."""
+    launch.POISON = True
+    yield
+    launch.POISON = False
+
+
+@contextlib.contextmanager
+def patched(mod, **values):
+    """Set module constants (block sizes) for the duration; tiny blocks make tiny shapes loop."""
+    old = {k: getattr(mod, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(mod, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(mod, k, v)
+
+
+def tensor(a, dtype, requires_grad=False):
+    """NumPy array -> kernel input on DEVICE in `dtype`."""
+    return torch.tensor(a, dtype=dtype, device=DEVICE).requires_grad_(requires_grad)
+
+
+def as64(t):
+    """Kernel tensor (or None, meaning zero) -> float64 NumPy, what the kernel really saw."""
+    return None if t is None else t.detach().double().cpu().numpy()
+
+
+def masks(rng, kind, shape):
+    return {"random": lambda: (rng.random(shape) < 0.6).astype(np.float64),
+            "zeros": lambda: np.zeros(shape), "ones": lambda: np.ones(shape)}[kind]()
+
+
+def grad64(f, inputs, upstream):
+    """Gradients of float64 torch expression f at NumPy `inputs` against NumPy `upstream`."""
+    leaves = [torch.tensor(a, requires_grad=True) for a in inputs]
+    outs = f(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = torch.autograd.grad(outs, leaves, [torch.as_tensor(u) for u in upstream],
+                                allow_unused=True)
+    return [np.zeros_like(a) if g is None else g.numpy() for a, g in zip(inputs, grads)]
+
+
+def assert_close(name, got, want, scale, dtype):
+    """Elementwise |got - want| <= TOL * scale; reports the first offending index."""
+    want = np.asarray(want, dtype=np.float64)
+    got = np.zeros_like(want) if got is None else np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    bound = TOL[dtype, DEVICE] * np.abs(np.asarray(scale, dtype=np.float64)) + 1e-30
+    bad = ~(np.abs(got - want) <= bound)  # NaN counts as bad
+    if bad.any():
+        i = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise AssertionError(f"{name} ({dtype}): {int(bad.sum())} of {bad.size} elements off; first at "
+                             f"{i}: got {got[i]!r}, want {want[i]!r}, allowed error {bound[i]:.3g}")
+
+
+def raises_one_line(exc, match, call):
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert "\n" not in str(info.value), f"message spans lines: {info.value}"
