@@ -119,17 +119,26 @@ def test_update_masks_zeroes_exactly_the_peak_component(case):
     new = R.update_masks(h, m, threshold=thr)
     assert np.all(new <= m), "a 0 turned into a 1"
     for i in range(h.shape[0]):
-        if h[i].max() == h[i].min():
-            assert np.array_equal(new[i], m[i]), f"constant map {i} changed its mask"
+        live = m[i] == 1
+        if not live.any() or h[i][live].max() == h[i][live].min():
+            assert np.array_equal(new[i], m[i]), f"map {i} without a peak changed its mask"
             continue
-        peak = np.unravel_index(np.argmax(h[i]), h[i].shape)
-        on = (h[i] - h[i].min()) / (h[i].max() - h[i].min()) >= thr
+        lo, hi = h[i][live].min(), h[i][live].max()
+        peak = max(zip(*np.nonzero(live)), key=lambda q: (h[i][q], -q[0], -q[1]))
+        on = live & ((h[i] - lo) / (hi - lo) >= thr)
         expected = m[i].copy()
         for q in flood_fill(on, peak):
             expected[q] = 0
         mismatch = np.argwhere(new[i] != expected)
         assert mismatch.size == 0, f"map {i}: first mismatch at {tuple(mismatch[0])}"
         assert new[i][peak] == 0
+
+
+def test_erased_cells_never_count_as_the_peak():
+    # Round 2 of a CAM that is negative outside the erased cell: the erased 0 must not win.
+    h = np.array([[0.0, -1.0, -3.0, -0.5]])
+    m = np.array([[0.0, 1.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(R.update_masks(h, m), [[0.0, 1.0, 1.0, 0.0]])
 
 
 def test_update_masks_splits_two_blobs_and_erases_the_brighter():

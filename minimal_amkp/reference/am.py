@@ -102,10 +102,14 @@ def cam(x, m, w):
 def update_masks(h, m, threshold=0.5):
     """Sec. 3.2, mask update: M_t = M_{t-1} with the peak component of binarised H_t set to 0.
 
-    For each map: min–max normalise H_t to [0, 1] over the whole map, binarise with
-    `>= threshold`, find the 8-connected component that holds the global maximum (the first
-    argmax in row-major order) and zero it in the new mask. A constant map has no peak and
-    leaves its mask unchanged. The update never turns a 0 into a 1, so masks only shrink.
+    For each map, over the cells still in the mask (M_{t-1} = 1): min–max normalise H_t to
+    [0, 1], binarise with `>= threshold`, find the 8-connected component of those cells that
+    holds the maximum (the first argmax in row-major order) and zero it in the new mask.
+    Erased cells are left out because eq. (7) makes them exactly 0 there: a 0 is no evidence,
+    and counted in, it becomes the "global maximum" as soon as the rest of the CAM is
+    negative, so mining would erase nothing new. With M_0 all ones this is the paper's
+    whole-map rule. A map that is constant over its remaining cells (or has none) has no peak
+    and keeps its mask. The update never turns a 0 into a 1, so masks only shrink.
     h (..., H, W) CAMs H_t, m (..., H, W) masks M_{t-1} -> M_t (..., H, W).
     """
     h = checks.array("h", h, min_ndim=2)
@@ -117,11 +121,14 @@ def update_masks(h, m, threshold=0.5):
     flat_h = h.reshape(-1, *h.shape[-2:])                                 # (B, H, W)
     flat_new = new.reshape(-1, *h.shape[-2:])                             # (B, H, W), a view
     for h_i, m_i in zip(flat_h, flat_new):
-        h_hat = minmax(h_i)                                               # (H, W)
+        live = m_i == 1                                                   # (H, W)
+        h_hat = minmax(h_i[live]) if live.any() else None                 # (live cells,)
         if h_hat is None:
             continue
-        labels, _ = ndimage.label(h_hat >= threshold, structure=EIGHT_CONNECTED)
-        peak = np.unravel_index(np.argmax(h_i), h_i.shape)
+        on = np.zeros_like(live)
+        on[live] = h_hat >= threshold
+        labels, _ = ndimage.label(on, structure=EIGHT_CONNECTED)
+        peak = np.unravel_index(np.argmax(np.where(live, h_i, -np.inf)), h_i.shape)
         m_i[labels == labels[peak]] = 0
     return new
 
