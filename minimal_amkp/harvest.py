@@ -43,6 +43,8 @@ def check_mining(mining, ds=None):
     if len(set(names)) != n:
         raise ValueError(f"mining['names'] holds duplicates ({n} names, {len(set(names))} distinct)")
     size = mining["image_size"]
+    if isinstance(size, np.ndarray) and size.ndim == 0:         # as np.load gives it back
+        size = size[()]
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ValueError(f"mining['image_size'] must be a positive int, got {size!r}")
     if ds is not None:

@@ -1,0 +1,276 @@
+"""`python -m minimal_amkp`: options, the output folder, the data, then the whole job.
+
+    python -m minimal_amkp [--preset tiny|paper] [--data DIR] [--out DIR] [--seed K]
+        [--device auto|cpu|cuda] [--init PATH] [--skip-bad-images] [--resume] [--overwrite]
+        [--SECTION.FIELD VALUE ...]            e.g. --train.lr 0.01 --mine.kp vanilla
+
+Run options are flat; every hyper-parameter is `--section.field` (config.py lists them; dashes
+and underscores both work). Without --data the phantom is generated once into
+data/phantom-n<images>-s<size>-seed<seed>/ under the current folder and reused after.
+A problem the user must fix ends the run with one line on stderr: exit 2 for a bad command
+line, 1 for bad data, checkpoints or folders.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from minimal_amkp import checkpoint, phantom
+from minimal_amkp.atomic import atomic_open, atomic_write_text
+from minimal_amkp.chestxray import DataError, check_images, read_dataset
+from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.config import RunError, fields, from_dict, parse_value, preset, to_dict, validate
+from minimal_amkp.mine import compute_cams, frozen_copy, mine_epoch, next_masks
+from minimal_amkp.model import ResNetMSA, load_init, map_size
+from minimal_amkp.progress import clock, say
+from minimal_amkp.report import write_report
+from minimal_amkp.train import Images, classification_epoch, pick_device, predict, set_phase, optimizer
+
+IGNORED_ON_RESUME = ("run.device", "run.out")      # may change between the halves of one run
+
+
+class UsageError(RunError):
+    """A bad command line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser():
+    p = _Parser(prog="python -m minimal_amkp", allow_abbrev=False,
+                description="Attention mining with knowledge preservation on ChestX-ray14 (or the phantom).")
+    p.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                   help="replace the run in --out")
+    p.add_argument("--skip-bad-images", dest="run.skip_bad_images", action="store_true",
+                   default=argparse.SUPPRESS, help="drop corrupt or missing images with a warning")
+    for section, name, kind in fields():
+        if (section, name) == ("run", "skip_bad_images"):
+            continue
+        flags = [f"--{name.replace('_', '-')}"] if section == "run" else \
+            sorted({f"--{section}.{name}", f"--{section}.{name.replace('_', '-')}"})
+        p.add_argument(*flags, dest=f"{section}.{name}", default=argparse.SUPPRESS,
+                       metavar=kind.__name__.upper())
+    return p
+
+
+def _apply(cfg, given):
+    for key, text in given.items():
+        section, name = key.split(".")
+        kind = type(getattr(getattr(cfg, section), name))
+        value = text if isinstance(text, bool) else parse_value(section, name, kind, text)
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def parse(argv):
+    """argv -> (config, resume, overwrite, explicitly given options)."""
+    ns = vars(build_parser().parse_args(argv))
+    resume, overwrite = ns.pop("resume", False), ns.pop("overwrite", False)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    try:
+        cfg = validate(_apply(preset(ns.get("run.preset", "tiny")), ns))
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    return cfg, resume, overwrite, ns
+
+
+def _json(d):
+    return json.loads(json.dumps(d))
+
+
+def _differences(a, b):
+    return [f"{s}.{k}: {a[s][k]!r} -> {b[s].get(k)!r}" for s in a for k in a[s]
+            if f"{s}.{k}" not in IGNORED_ON_RESUME and a[s][k] != b[s].get(k)]
+
+
+def prepare_out(cfg, resume, overwrite, given):
+    """Check --out against what it holds; on --resume the stored settings win where not given."""
+    out = cfg.run.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RunError(f"--out {out}: exists and is not a folder")
+    stored_path = os.path.join(out, "config.json")
+    stored = None
+    if os.path.exists(stored_path):
+        try:
+            with open(stored_path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError) as e:
+            raise RunError(f"{stored_path}: unreadable ({e}); pass --overwrite to start over") from None
+    if overwrite:
+        for name in os.listdir(out) if os.path.isdir(out) else ():
+            if name in (checkpoint.NAME, "config.json"):
+                os.remove(os.path.join(out, name))
+        return cfg
+    if stored is None:
+        if resume:
+            raise RunError(f"--resume: {out} holds no run to resume")
+        if os.path.isdir(out) and os.listdir(out):
+            raise RunError(f"--out {out}: folder is not empty and holds no run; pick another or pass --overwrite")
+        return cfg
+    if resume:
+        cfg = validate(_apply(from_dict(stored), {k: v for k, v in given.items() if k != "run.preset"}))
+        cfg.run.out, cfg.run.preset = out, given.get("run.preset", cfg.run.preset)
+    diff = _differences(stored, _json(to_dict(cfg)))
+    if diff:
+        raise RunError(f"--out {out} holds a different run ({'; '.join(diff[:3])}); "
+                       "use another --out or pass --overwrite")
+    if not resume:
+        raise RunError(f"--out {out} already holds this run; pass --resume to continue it or --overwrite to replace it")
+    return cfg
+
+
+def phantom_root(cfg):
+    """The cached phantom for these settings, generated on first use (atomically: a folder rename)."""
+    d = cfg.data
+    root = os.path.join("data", f"phantom-n{d.phantom_images}-s{d.phantom_size}-seed{d.phantom_seed}")
+    if not os.path.isdir(root):
+        tmp = f"{root}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        say(f"generating the phantom data set into {root} (once)")
+        phantom.generate(tmp, n_images=d.phantom_images, size=d.phantom_size, seed=d.phantom_seed)
+        try:
+            os.rename(tmp, root)
+        except OSError:                          # a concurrent run got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def load_data(cfg):
+    """The data set and its three name lists (mining, train, test), every image checked."""
+    root = cfg.run.data or phantom_root(cfg)
+    if not os.path.isdir(root):
+        raise RunError(f"--data {root}: no such folder")
+    ds = read_dataset(root, skip_bad=cfg.run.skip_bad_images)
+    mining = [n for n in ds.boxes if n in ds.entries]
+    boxed = set(mining)
+    train = [n for n in ds.train_val if n not in boxed]
+    test = [n for n in ds.test if n not in boxed]
+    good = set(check_images(ds, mining + train + test, workers=cfg.data.workers,
+                            skip_bad=cfg.run.skip_bad_images))
+    mining, train, test = ([n for n in names if n in good] for names in (mining, train, test))
+    if not mining:
+        raise RunError(f"{root}: no usable image has a box, so there is nothing to mine")
+    if len(train) < 2:
+        raise RunError(f"{root}: fewer than 2 usable train_val images")
+    return ds, mining, train, test
+
+
+def plan(cfg):
+    """[(phase, epochs)]: the checkpoint says how far along this list a run got."""
+    phases = [("base", cfg.train.base_epochs)]
+    if cfg.model.msa != "none":
+        phases += [("msa_frozen", cfg.train.msa_frozen_epochs), ("msa", cfg.train.msa_epochs)]
+    return phases + [(f"round{t}", cfg.mine.epochs) for t in range(1, cfg.mine.rounds + 1)]
+
+
+def _save_npz(path, **arrays):
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def run_job(cfg, data, resume):
+    """Train, mine, score the test split and write the report; resumable after every epoch."""
+    ds, mining_names, train_names, test_names = data
+    out, seed = cfg.run.out, cfg.run.seed
+    device = pick_device(cfg.run.device)
+    torch.manual_seed(seed)
+    model = ResNetMSA(cfg.model).to(device)
+    h = map_size(cfg.data.image_size, cfg.model.msa)
+    state = checkpoint.load(out) if resume else None
+    if state is None and cfg.run.init:
+        load_init(model, cfg.run.init)
+    atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
+    model_a, masks, cams, done = None, [torch.ones(len(mining_names), len(BOX_CLASSES), h, h, dtype=torch.uint8)], [], (0, 0)
+    if state is not None:
+        checkpoint.restore_model(model, state["model"], checkpoint.path(out))
+        if state["model_a"] is not None:
+            model_a = frozen_copy(model)
+            checkpoint.restore_model(model_a, state["model_a"], checkpoint.path(out))
+        masks, cams, done = state["masks"], state["cams"], (state["phase"], state["epoch"])
+        if masks[0].shape[1:] != (len(BOX_CLASSES), h, h) or masks[0].shape[0] != len(mining_names):
+            raise RunError(f"{checkpoint.path(out)}: masks {tuple(masks[0].shape)} do not fit this data set; "
+                           "pass --overwrite to start over")
+        torch.set_rng_state(state["rng"])
+        say(f"resuming {out} after epoch {done[1]} of phase {done[0] + 1}/{len(plan(cfg))}")
+    size, workers, preload = cfg.data.image_size, cfg.data.workers, cfg.data.preload
+    train = Images(ds, train_names, size, preload, workers, "reading train_val images")
+    mining = Images(ds, mining_names, size, preload, workers, "reading mining images")
+    for p, (phase, epochs) in enumerate(plan(cfg)):
+        if p < done[0]:
+            continue
+        start = done[1] if p == done[0] else 0
+        round_ = int(phase[5:]) if phase.startswith("round") else 0
+        if round_ and model_a is None:
+            model_a = frozen_copy(model)
+        params = set_phase(model, "mine" if round_ else phase)
+        opt = optimizer(params, cfg.mine.lr if round_ else cfg.train.lr, cfg.train)
+        if state is not None and p == done[0] and 0 < start < epochs and state["optimizer"] is not None:
+            opt.load_state_dict(state["optimizer"])
+        for epoch in range(start, epochs):
+            if round_:
+                mine_epoch(model, model_a, opt, mining, train, masks[-1], cfg, seed, round_, epoch, device)
+            else:
+                classification_epoch(model, opt, phase, train, cfg, seed, epoch, device)
+            checkpoint.save(out, config=to_dict(cfg), phase=p, epoch=epoch + 1, model=model, opt=opt,
+                            model_a=model_a, masks=masks, cams=cams)
+        if round_ and len(cams) < round_:
+            cams.append(compute_cams(model, mining, masks[-1], device, 2 * cfg.mine.batch_size,
+                                     f"CAMs H_{round_}"))
+            if round_ < cfg.mine.rounds:
+                masks.append(next_masks(cams[-1], masks[-1], mining.labels, cfg.mine.threshold))
+            checkpoint.save(out, config=to_dict(cfg), phase=p, epoch=epochs, model=model, opt=None,
+                            model_a=model_a, masks=masks, cams=cams)
+    test = Images(ds, test_names, size, False, workers)
+    scores = predict(model, test, device, 2 * cfg.train.batch_size, "scoring the test split")
+    mined = dict(names=mining_names, labels=mining.labels.numpy().astype(np.uint8),
+                 cams=torch.stack(cams).numpy(), masks=torch.stack(masks).numpy(), image_size=size)
+    tested = dict(names=test_names, scores=scores, labels=test.labels.numpy().astype(np.uint8))
+    _save_npz(os.path.join(out, "mining.npz"), **{k: np.asarray(v) for k, v in mined.items()})
+    _save_npz(os.path.join(out, "test.npz"), **{k: np.asarray(v) for k, v in tested.items()})
+    with atomic_open(os.path.join(out, "model.pt"), "wb") as f:
+        torch.save(model.state_dict(), f)
+    return write_report(out, mined, ds, tested, to_dict(cfg))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"minimal_amkp: warning: {message}\n"
+
+
+def summarize(report, out, seconds):
+    """The run's last line: the summary Acc of each localizer (report.json) and where to look."""
+    def num(v):
+        return "n/a" if v is None else f"{v:.2f}"
+    acc = ", ".join(f"{k} {num(v)}" for k, v in report["summary"].items())
+    return (f"done in {clock(seconds)}: mean Acc over the 8 box classes at T(IoU)=0.3: {acc}; "
+            f"test AUROC {num(report['mean_auroc'])}; see {os.path.join(out, 'report.md')}")
+
+
+def main(argv=None):
+    start = time.perf_counter()
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        cfg, resume, overwrite, given = parse(sys.argv[1:] if argv is None else argv)
+        cfg = prepare_out(cfg, resume, overwrite, given)
+        data = load_data(cfg)
+        report = run_job(cfg, data, resume)
+    except (RunError, DataError) as e:
+        print(f"minimal_amkp: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:
+        print("minimal_amkp: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = formatwarning
+    print(summarize(report, cfg.run.out, time.perf_counter() - start))
+    return 0

@@ -1,0 +1,172 @@
+"""Every setting of a run, one dataclass per concern, with the `paper` and `tiny` presets.
+
+`paper` follows Sec. 3.1 where the paper gives a number (ResNet-50, 512 input, batch 64,
+lr 0.1, 50 + 10 epochs, T = 3, n/N = 0.125, λ = 0.5); `tiny` keeps the same structure
+(Bottleneck blocks, layer1..layer4, MSA, AM with KP) but narrow and shallow, so that the
+whole job runs on a 2-core CPU in minutes. On the command line run options are flat
+(`--data DIR`) and hyper-parameters are `--section.field VALUE` (`--train.lr 0.01`).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class RunError(Exception):
+    """A problem the user must fix (bad option, data, checkpoint or folder): one line, no traceback."""
+
+
+@dataclass
+class ModelConfig:
+    width: int = 64                        # conv1 channels; layer_i has width·2^(i-1) planes, ×4 out
+    blocks: tuple = (3, 4, 6, 3)           # Bottlenecks in layer1..layer4 (ResNet-50)
+    msa: str = "bilinear"                  # Sec. 2.3 upsampling of layer4: bilinear | deconv | none
+    msa_channels: tuple = (512, 256)       # 1×1 conv widths for layer4 and layer3; X has their sum
+    nonneg_w: bool = False                 # keep branch weights w >= 0 so CAMs (eq. 7) are >= 0
+    padding: str = "zeros"                 # conv padding: zeros (torchvision) | replicate (no border cue)
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 512                  # S: the model sees S×S grayscale images
+    preload: bool = False                  # hold every image in memory (small data sets only)
+    workers: int = 8                       # threads that read images and check PNGs
+    phantom_images: int = 2000             # phantom generated when --data is not given
+    phantom_size: int = 512
+    phantom_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    optimizer: str = "sgd"                 # sgd (paper) | adamw (from scratch on CPU: converges faster)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    shift: float = 0.0                     # random translation, up to this fraction of S (phases before mining)
+    base_epochs: int = 50                  # ResNet-50 before MSA exists
+    msa_frozen_epochs: int = 10            # MSA + branches only, layers below MSA fixed
+    msa_epochs: int = 10                   # all of ResNet-MSA end to end ("until plateau")
+
+
+@dataclass
+class MineConfig:
+    rounds: int = 3                        # T
+    epochs: int = 5                        # passes over the mining images per round
+    batch_size: int = 64                   # N
+    lr: float = 0.01
+    kp: str = "full"                       # full | vanilla | none (Sec. 2.2, Table 3)
+    fraction: float = 0.125                # n/N, the erased share of a minibatch
+    lam: float = 0.5                       # λ of eq. (6)
+    threshold: float = 0.5                 # CAM binarisation of the mask update (Sec. 3.2)
+
+
+@dataclass
+class RunConfig:
+    preset: str = "tiny"
+    data: str = ""                         # ChestX-ray14 folder; "" = the cached phantom
+    out: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"                   # auto | cpu | cuda
+    init: str = ""                         # torchvision ResNet-50 state dict (fc.* ignored)
+    skip_bad_images: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+
+
+CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
+           ("model", "padding"): ("zeros", "replicate"),
+           ("mine", "kp"): ("full", "vanilla", "none"),
+           ("train", "optimizer"): ("sgd", "adamw"),
+           ("run", "device"): ("auto", "cpu", "cuda"),
+           ("run", "preset"): ("tiny", "paper")}
+
+# Tuned on the default phantom so that the whole job fits 5 minutes on 2 CPU cores.
+PRESETS = {
+    "tiny": {
+        "model": dict(width=8, blocks=(1, 1, 1, 1), msa_channels=(64, 32), nonneg_w=True,
+                      padding="replicate"),
+        "data": dict(image_size=128, preload=True, workers=2, phantom_images=2000, phantom_size=128),
+        "train": dict(batch_size=32, optimizer="adamw", lr=0.01, base_epochs=8, msa_frozen_epochs=2,
+                      msa_epochs=6),
+        "mine": dict(epochs=2, batch_size=32, lr=0.001),
+    },
+    "paper": {},
+}
+
+
+def preset(name):
+    if name not in PRESETS:
+        raise RunError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config()
+    cfg.run.preset = name
+    for section, values in PRESETS[name].items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def fields():
+    """(section, name, type of its default) for every setting, in declaration order."""
+    cfg = Config()
+    return [(s.name, f.name, type(getattr(getattr(cfg, s.name), f.name)))
+            for s in dataclasses.fields(Config) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def parse_value(section, name, kind, text):
+    """CLI text -> a value of the field's type; RunError naming the option when it does not parse."""
+    opt = f"--{name.replace('_', '-')}" if section == "run" else f"--{section}.{name}"
+    try:
+        if kind is bool:
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(text)
+            value = text.lower() in ("1", "true", "yes")
+        elif kind is tuple:
+            value = tuple(int(v) for v in text.split(","))
+        else:
+            value = kind(text)
+    except ValueError:
+        raise RunError(f"{opt}: cannot read {text!r} as {kind.__name__}") from None
+    allowed = CHOICES.get((section, name))
+    if allowed and value not in allowed:
+        raise RunError(f"{opt}: {text!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def validate(cfg):
+    """Reject settings no run can use, before any work starts."""
+    m, d, t, k = cfg.model, cfg.data, cfg.train, cfg.mine
+    checks = [
+        (m.width >= 1, "--model.width must be >= 1"),
+        (len(m.blocks) == 4 and min(m.blocks) >= 1, "--model.blocks needs 4 counts >= 1, e.g. 3,4,6,3"),
+        (len(m.msa_channels) == 2 and min(m.msa_channels) >= 1, "--model.msa-channels needs 2 widths >= 1"),
+        (d.image_size >= 32, "--data.image_size must be >= 32 (the model downsamples by 32)"),
+        (t.batch_size >= 2 and k.batch_size >= 2, "batch sizes must be >= 2 (batch norm)"),
+        (0 < k.fraction < 1, "--mine.fraction (n/N) must lie strictly between 0 and 1"),
+        (k.rounds >= 1, "--mine.rounds (T) must be >= 1"),
+        (min(t.base_epochs, t.msa_frozen_epochs, t.msa_epochs, k.epochs) >= 0, "epochs must be >= 0"),
+        (d.phantom_images >= 20, "--data.phantom_images must be >= 20"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
+    return cfg
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d):
+    """Inverse of to_dict (config.json): lists back to tuples where the field holds a tuple."""
+    cfg = Config()
+    for section, name, kind in fields():
+        if name in d.get(section, {}):
+            value = d[section][name]
+            setattr(getattr(cfg, section), name, tuple(value) if kind is tuple else value)
+    return cfg

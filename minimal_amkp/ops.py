@@ -1,0 +1,118 @@
+"""Differentiable torch counterparts of the reference functions that training and mining use.
+
+Same names, shapes and meanings as `minimal_amkp.reference` (tested against it in float64).
+The class-erased features X̂_c (N, C, D, H, W) of eq. (1) are never built: the logit of
+branch c uses the identity
+
+    w_cᵀ g(X ⊙ M̂_c) + b_c = mean_hw(M_c ⊙ CAM_c) + b_c,   CAM_c = Σ_d w_cd X_d,
+
+which needs only the (N, C, H, W) CAMs. The mask update and heatmap fusion (Sec. 3.2, eq. 8)
+are not differentiable; callers use the NumPy reference for them directly.
+
+`backend()` is the one dispatch point. Env AMKP_BACKEND = auto (default: the Triton kernels
+when the tensors are on CUDA and Triton imports), torch, or triton (force the kernels, e.g.
+on CPU under TRITON_INTERPRET=1).
+"""
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _kernels():
+    try:
+        import triton  # noqa: F401  (the kernels need it at call time, not import time)
+        import kernels
+    except ImportError:
+        return None
+    return kernels if hasattr(kernels, "masked_cam_logits") else None
+
+
+def backend(*tensors):
+    """'torch' or 'triton' for ops on these tensors, per AMKP_BACKEND."""
+    name = os.environ.get("AMKP_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"AMKP_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "triton" and _kernels() is None:
+        raise RuntimeError("AMKP_BACKEND=triton, but the kernels package or Triton cannot be imported")
+    if name == "auto":
+        return "triton" if all(t.is_cuda for t in tensors) and _kernels() is not None else "torch"
+    return name
+
+
+def _kernel_args(*tensors):
+    # The kernels take one dtype (float32 or bfloat16), contiguous: the features' dtype wins.
+    dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.bfloat16) else torch.float32
+    return [t.to(dtype).contiguous() for t in tensors]
+
+
+def _wide(t):
+    # Reductions of bfloat16 activations (GPU autocast) run in float32; float64 stays float64.
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def gap(x):
+    """g(·): mean over the last two axes, (..., H, W) -> (...)."""
+    return x.mean(dim=(-2, -1))
+
+
+def cam(x, m, w):
+    """Eq. (7): H_c = (X ⊙ M̂_c) w_c. x (N, D, H, W), m (N, C, H, W), w (C, D) -> (N, C, H, W)."""
+    if backend(x, m, w) == "triton":
+        x, m, w = _kernel_args(x, m, w)
+        return _kernels().masked_cam_logits(x, m, w, torch.zeros_like(w[:, 0]), write_cam=True)[0]
+    return torch.einsum("ndhw,cd->nchw", x, w.to(x.dtype)) * m.to(x.dtype)
+
+
+def branch_logits(x, m, w, b):
+    """Inside eq. (2): z_c = w_cᵀ g(X ⊙ M̂_c) + b_c. x (N, D, H, W), m (N, C, H, W) or None, w (C, D), b (C,) -> (N, C).
+
+    m=None means all-ones masks, where the identity reduces to w_cᵀ g(X) + b_c.
+    """
+    if m is None:
+        return F.linear(gap(x), w.to(x.dtype), b.to(x.dtype))
+    if backend(x, m, w, b) == "triton":
+        x, m, w, b = _kernel_args(x, m, w, b)
+        return _kernels().masked_cam_logits(x, m, w, b, write_cam=False)[1]
+    return gap(_wide(cam(x, m, w))) + _wide(b)
+
+
+def branch_losses(logits, y):
+    """Eq. (2): L_c = (1/N) Σ_n BCE(σ(z_nc), y_nc). logits (N, C), y (N, C) -> (C,)."""
+    z = _wide(logits)
+    return F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").mean(dim=0)
+
+
+def classification_loss(logits, y):
+    """Eq. (3): L_cls = (1/C) Σ_c L_c. -> scalar."""
+    return branch_losses(logits, y).mean()
+
+
+def kp_layer_loss(fa, fb):
+    """Eq. (4), squared as in the reference: Σ (g(X_A) − g(X_B))² / (N − n). fa, fb (N−n, K, H, W) or (N−n, K)."""
+    if fa.shape != fb.shape or fa.dim() not in (2, 4):
+        raise ValueError(f"fa and fb must share one shape (N-n, K, H, W) or (N-n, K), "
+                         f"got {tuple(fa.shape)} and {tuple(fb.shape)}")
+    if fa.dim() == 4 and backend(fa, fb) == "triton":
+        fa, fb = _kernel_args(fa, fb)
+        return _wide(_kernels().kp_distance(fa, fb))
+    ga = gap(fa) if fa.dim() == 4 else fa                          # (N−n, K)
+    gb = gap(fb) if fb.dim() == 4 else fb                          # (N−n, K)
+    return ((_wide(ga) - _wide(gb)) ** 2).sum() / fa.shape[0]
+
+
+def kp_loss(pairs):
+    """Eq. (5): L_KP = (1/|K|) Σ_k L_k over (fa, fb) layer pairs."""
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pairs: need at least one (fa, fb) layer pair, got an empty list")
+    return torch.stack([kp_layer_loss(fa, fb) for fa, fb in pairs]).mean()
+
+
+def total_loss(l_cls, l_kp, lam=0.5):
+    """Eq. (6): L = L_cls + λ L_KP."""
+    return l_cls + lam * l_kp

@@ -1,0 +1,191 @@
+"""Multi-label classification training before attention mining (Sec. 3.1), and what all stages share.
+
+Phases, each SGD with momentum over a cosine schedule with a short warm-up:
+    base        ResNet-50 alone: GAP of layer4 -> 14 logits, loss (2)-(3) with all-ones masks
+    msa_frozen  MSA initialisation: layers below MSA fixed (weights and batch-norm statistics),
+                MSA and the branches trained
+    msa         the whole ResNet-MSA end to end
+With `model.msa=none` only `base` runs (it already trains the branches on X = layer4).
+Data order is a pure function of (seed, phase, epoch), so a resumed run sees the same batches.
+"""
+import contextlib
+import math
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minimal_amkp import ops
+from minimal_amkp.config import RunError
+from minimal_amkp.dataset import XrayDataset
+from minimal_amkp.progress import Progress
+
+PHASES = ("base", "msa_frozen", "msa")
+
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is available")
+    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; nothing on CPU, where float32 keeps runs reproducible."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def to_device(images, device):
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return images.to(device, non_blocking=True, memory_format=fmt)
+
+
+class Images:
+    """Images (n, 1, S, S) and labels (n, 14) of a fixed name list, by position.
+
+    `preload` reads everything once (small sets: the phantom); otherwise each batch is read
+    by `workers` threads when asked for.
+    """
+
+    def __init__(self, ds, names, size, preload, workers, label="reading images"):
+        self.names = list(names)
+        self.data = XrayDataset(ds, self.names, size)
+        self.labels = torch.from_numpy(np.stack([ds.entries[n].labels for n in self.names])
+                                       if self.names else np.zeros((0, 14), np.uint8)).float()
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.cache = None
+        if preload and self.names:
+            progress, chunks = Progress(label, len(self.names)), []
+            for start in range(0, len(self.names), 64):
+                chunks.append(self._read(range(start, min(start + 64, len(self.names)))))
+                progress.update(start + len(chunks[-1]), len(chunks[-1]))
+            progress.close()
+            self.cache = torch.cat(chunks)
+
+    def _read(self, idx):
+        return torch.stack(list(self.pool.map(lambda i: self.data[int(i)]["image"], idx)))
+
+    def __len__(self):
+        return len(self.names)
+
+    def batch(self, idx):
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        images = self.cache[idx] if self.cache is not None else self._read(idx.tolist())
+        return images, self.labels[idx]
+
+
+def order(seed, tag, epoch, n):
+    """A permutation of range(n) fixed by (seed, tag, epoch): the data order of one epoch."""
+    return np.random.default_rng([seed, zlib.crc32(tag.encode()), epoch]).permutation(n)
+
+
+def chunks(perm, size):
+    """Minibatches of `size`; a short remainder is dropped (batch norm needs 2 images), but
+    a set smaller than one batch is one batch."""
+    if len(perm) < size:
+        return [perm] if len(perm) >= 2 else []
+    return [perm[i:i + size] for i in range(0, len(perm) - size + 1, size)]
+
+
+def shift(images, rng, fraction):
+    """Translate each image by up to fraction·S pixels each way, edges replicated: a cue to
+    look at the lesion rather than at where it sits in the frame (before mining only)."""
+    s = int(round(fraction * images.shape[-1]))
+    if s == 0:
+        return images
+    padded = F.pad(images, (s, s, s, s), mode="replicate")
+    dy, dx = rng.integers(0, 2 * s + 1, size=(2, len(images)))
+    size = images.shape[-1]
+    return torch.stack([p[:, y:y + size, x:x + size] for p, y, x in zip(padded, dy, dx)])
+
+
+def lr_at(lr, step, total):
+    """Cosine decay from lr to 0 over `total` steps after a linear warm-up of 5% of them."""
+    warm = max(1, total // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def set_phase(model, phase):
+    """Train mode and requires_grad for one phase; returns the parameters it updates.
+
+    `mine` (attention mining) trains everything but the plain ResNet head.
+    """
+    model.train()
+    frozen = []
+    if phase == "base":
+        frozen = [model.fc, model.msa] if model.msa is not None else []
+    elif phase == "msa_frozen":
+        frozen = model.below_msa()
+    if model.msa is not None and phase != "base":
+        frozen.append(model.base_fc)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for mod in frozen:
+        mod.eval()
+        for p in mod.parameters():
+            p.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer(params, lr, cfg):
+    """cfg.optimizer of TrainConfig; mining uses the same kind with its own lr."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def run_epoch(model, opt, batches, loss_fn, lr, step0, total, label):
+    """One pass over `batches` (each (n_images, payload)): loss_fn(payload) -> loss; returns mean loss."""
+    progress, losses = Progress(label, len(batches)), []
+    for i, (n_images, payload) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(lr, step0 + i, total)
+        loss = loss_fn(payload)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.constrain()
+        losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            raise RunError(f"{label}: the loss became {losses[-1]}; lower the learning rate")
+        progress.update(i + 1, n_images, losses[-1])
+    progress.close()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def classification_epoch(model, opt, phase, images, cfg, seed, epoch, device):
+    """One epoch of phase `base`, `msa_frozen` or `msa` over `images` (the train_val set)."""
+    set_phase(model, phase)
+    batches = chunks(order(seed, phase, epoch, len(images)), cfg.train.batch_size)
+    rng = np.random.default_rng([seed, zlib.crc32(phase.encode()), epoch, 1])
+    epochs = {"base": cfg.train.base_epochs, "msa_frozen": cfg.train.msa_frozen_epochs,
+              "msa": cfg.train.msa_epochs}[phase]
+
+    def loss_fn(idx):
+        x, y = images.batch(idx)
+        x, y = to_device(shift(x, rng, cfg.train.shift), device), y.to(device)
+        with autocast(device):
+            logits = model.base_logits(x) if phase == "base" else model(x).logits
+        return ops.classification_loss(logits, y)
+
+    return run_epoch(model, opt, [(len(b), b) for b in batches], loss_fn, cfg.train.lr,
+                     epoch * len(batches), epochs * len(batches),
+                     f"{phase} epoch {epoch + 1}/{epochs}")
+
+
+@torch.no_grad()
+def predict(model, images, device, batch_size, label="scoring"):
+    """Sigmoid class probabilities (n, 14) with all-ones masks, in eval mode."""
+    model.eval()
+    out, progress = [], Progress(label, len(images))
+    for start in range(0, len(images), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(images)))
+        x, _ = images.batch(idx)
+        with autocast(device):
+            out.append(torch.sigmoid(model(to_device(x, device)).logits.float()).cpu())
+        progress.update(int(idx[-1]) + 1, len(idx))
+    progress.close()
+    return torch.cat(out).numpy() if out else np.zeros((0, 14), np.float32)

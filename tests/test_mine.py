@@ -1,0 +1,133 @@
+"""Attention mining rounds and the three knowledge-preservation modes, on a micro ResNet-MSA."""
+import numpy as np
+import pytest
+import torch
+
+from minimal_amkp import reference as R
+from minimal_amkp.config import ModelConfig, preset
+from minimal_amkp.mine import (am_loss, batch_masks, compute_cams, frozen_copy, mine_epoch,
+                               mining_batches, next_masks)
+from minimal_amkp.model import ResNetMSA
+from minimal_amkp.train import set_phase, optimizer
+
+S, H = 64, 4                                     # micro input and its X side (S/16)
+
+
+class Memory:
+    """An in-memory stand-in for train.Images: batch(positions) -> (images, labels)."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, S, S, generator=g)
+        self.labels = (torch.rand(n, 14, generator=g) < 0.5).float()
+
+    def __len__(self):
+        return len(self.images)
+
+    def batch(self, idx):
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return self.images[idx], self.labels[idx]
+
+
+def micro(kp="full"):
+    cfg = preset("tiny")
+    cfg.model = ModelConfig(width=4, blocks=(1, 1, 1, 1), msa_channels=(16, 8))
+    cfg.data.image_size = S
+    cfg.mine.kp, cfg.mine.batch_size, cfg.mine.epochs, cfg.mine.lr = kp, 8, 1, 0.05
+    torch.manual_seed(0)
+    return cfg, ResNetMSA(cfg.model)
+
+
+def test_one_am_round_erases_the_cam_peak_of_positive_classes_only():
+    cfg, model = micro()
+    mining, train = Memory(6, 1), Memory(24, 2)
+    m0 = torch.ones(6, 8, H, H, dtype=torch.uint8)
+    opt = optimizer(set_phase(model, "mine"), cfg.mine.lr, cfg.train)
+    mine_epoch(model, frozen_copy(model), opt, mining, train, m0, cfg, 0, 1, 0, torch.device("cpu"))
+    h1 = compute_cams(model, mining, m0, torch.device("cpu"), 4)
+    m1 = next_masks(h1, m0, mining.labels, 0.5)
+    positive = mining.labels[:, :8].bool()
+    assert positive.any() and (~positive).any()
+    assert torch.all(m1[~positive] == 1), "a negative class lost part of its mask"
+    for i, c in positive.nonzero().tolist():
+        h, erased = h1[i, c].double().numpy(), m1[i, c].numpy() == 0
+        peak = np.unravel_index(np.argmax(h), h.shape)
+        assert erased[peak], f"image {i} class {c}: the CAM peak {peak} was not erased"
+        hot = (h - h.min()) / (h.max() - h.min()) >= 0.5
+        assert np.all(hot[erased]), f"image {i} class {c}: erased a pixel below the threshold"
+        np.testing.assert_array_equal(m1[i, c].numpy(), R.update_masks(h, np.ones_like(h)))
+    h2 = compute_cams(model, mining, m1, torch.device("cpu"), 4)
+    assert torch.all(h2[m1 == 0] == 0), "H_2 is not zero where M_1 erased X (eq. 7)"
+    m2 = next_masks(h2, m1, mining.labels, 0.5)
+    assert torch.all(m2 <= m1) and torch.all(m2[~positive] == 1)
+
+
+def test_mining_batches_mix_n_erased_images_with_whole_train_images():
+    full = mining_batches("full", 20, 50, 16, 0.125, 0, 1, 0)
+    assert [len(m) for m, _ in full] == [2] * 10 and all(len(t) == 14 for _, t in full)
+    assert sorted(np.concatenate([m for m, _ in full]).tolist()) == list(range(20))
+    train = np.concatenate([t for _, t in full])
+    assert train.max() < 50 and len(set(train[:50].tolist())) == 50      # without replacement per lap
+    vanilla = mining_batches("vanilla", 20, 50, 16, 0.125, 0, 1, 0)
+    assert all(np.array_equal(a, c) and np.array_equal(b, d) for (a, b), (c, d) in zip(full, vanilla))
+    none = mining_batches("none", 20, 50, 8, 0.125, 0, 1, 0)
+    assert all(len(t) == 0 for _, t in none) and [len(m) for m, _ in none] == [8, 8]
+    again = mining_batches("full", 20, 50, 16, 0.125, 0, 1, 0)
+    assert all(np.array_equal(a, c) for (a, _), (c, _) in zip(full, again))
+    other = mining_batches("full", 20, 50, 16, 0.125, 0, 1, 1)
+    assert not all(np.array_equal(a, c) for (a, _), (c, _) in zip(full, other))
+
+
+def kp_batch(model):
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(8, 1, S, S, generator=g), (torch.rand(8, 14, generator=g) < 0.5).float()
+    m = torch.ones(8, 14, H, H)
+    m[:2] = batch_masks((torch.rand(2, 8, H, H, generator=g) < 0.5).float(), 14)
+    return x, y, m
+
+
+def test_full_kp_is_zero_for_identical_networks_and_grows_as_n_b_drifts():
+    cfg, model = micro()
+    model_a = frozen_copy(model)
+    opt = optimizer(set_phase(model, "mine"), 0.05, cfg.train)
+    x, y, m = kp_batch(model)
+    loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
+    assert l_kp.item() < 1e-10                     # float rounding only: batches of 8 vs 6 images
+    mine_epoch(model, model_a, opt, Memory(6, 1), Memory(24, 2), torch.ones(6, 8, H, H, dtype=torch.uint8),
+               cfg, 0, 1, 0, torch.device("cpu"))
+    loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
+    assert l_kp.item() > 0 and loss.item() == pytest.approx(l_cls.item() + 0.5 * l_kp.item(), rel=1e-6)
+    # L_KP is eq. (5) over layer3, layer4, the MSA output and the logits of the 6 whole images
+    # (both networks see the whole minibatch: batch norm uses its statistics).
+    with torch.no_grad():
+        a, b = model_a(x), model(x)
+    pairs = [(fa[2:].double().numpy(), fb[2:].double().numpy()) for fa, fb in zip(a, b)]
+    assert l_kp.item() == pytest.approx(R.kp_loss(pairs), rel=1e-4)
+
+
+@pytest.mark.parametrize("kp", ["vanilla", "none"])
+def test_vanilla_and_none_have_no_kp_term(kp):
+    cfg, model = micro(kp)
+    model_a = frozen_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    set_phase(model, "mine")
+    x, y, m = kp_batch(model)
+    n = 2 if kp == "vanilla" else 8
+    if kp == "none":
+        m = batch_masks((torch.rand(8, 8, H, H) < 0.5).float(), 14)
+    loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, n, kp, 0.5)
+    assert l_kp is None and loss is l_cls
+
+
+def test_none_mode_never_reads_a_train_image():
+    cfg, model = micro("none")
+
+    class NoTrain(Memory):
+        def batch(self, idx):
+            raise AssertionError("kp=none read a train_val image")
+
+    opt = optimizer(set_phase(model, "mine"), 0.05, cfg.train)
+    mine_epoch(model, frozen_copy(model), opt, Memory(16, 1), NoTrain(24, 2),
+               torch.ones(16, 8, H, H, dtype=torch.uint8), cfg, 0, 1, 0, torch.device("cpu"))

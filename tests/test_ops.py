@@ -1,0 +1,213 @@
+"""The torch op layer against the NumPy reference, forward and backward, and its backend switch.
+
+Forward: ops on float64 tensors vs the reference on the same arrays, |got − want| <= 1e-9
+(+ 1e-9 relative): only the summation order differs. Gradients: torch autograd vs central
+finite differences of the *reference* (step 1e-6, float64), contracted with a random upstream
+gradient so that one scalar function covers every output element; the ops are linear or
+quadratic in their inputs (BCE is smooth), so the difference quotient is accurate to ~1e-8
+and we allow 1e-6. The Triton backend (interpreter on CPU) runs in float32: 1e-4 relative.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings, strategies as st
+
+from minimal_amkp import ops
+from minimal_amkp import reference as R
+
+SHAPES = settings(max_examples=25, deadline=None, derandomize=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def torch_backend():
+    """The reference comparisons run the torch ops; tests of the Triton path set it themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AMKP_BACKEND", "torch")
+        yield
+
+
+def close(name, got, want, atol, rtol=0.0):
+    """Elementwise |got − want| <= atol + rtol·|want|; names the first offending index."""
+    got = np.asarray(got.detach().double() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    bad = ~(np.abs(got - want) <= atol + rtol * np.abs(want))
+    if bad.any():
+        i = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.size} elements off; first at {i}: "
+                             f"got {got[i]!r}, want {want[i]!r}")
+
+
+def fd_grads(f, arrays, upstream, eps=1e-6):
+    """Central differences of sum(f(*arrays) * upstream) with respect to each array."""
+    arrays = [np.array(a, dtype=np.float64) for a in arrays]
+
+    def scalar():
+        return float(np.sum(np.asarray(f(*arrays)) * upstream))
+
+    grads = []
+    for a in arrays:
+        g, flat = np.zeros_like(a), a.reshape(-1)
+        for j in range(flat.size):
+            old = flat[j]
+            flat[j] = old + eps
+            hi = scalar()
+            flat[j] = old - eps
+            lo = scalar()
+            flat[j] = old
+            g.reshape(-1)[j] = (hi - lo) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+def autograd(f, arrays, upstream):
+    leaves = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
+    out = f(*leaves)
+    (out * torch.as_tensor(upstream)).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+def check_op(name, op, ref, arrays, rng, const=()):
+    """op(*tensors, *const) vs ref(*arrays, *const): values, then gradients for every array."""
+    want = np.asarray(ref(*arrays, *const), dtype=np.float64)
+    upstream = rng.normal(size=want.shape)
+    got, grads = autograd(lambda *t: op(*t, *const), arrays, upstream)
+    close(f"{name} forward", got, want, 1e-9, 1e-9)
+    for i, (g, fd) in enumerate(zip(grads, fd_grads(lambda *a: ref(*a, *const), arrays, upstream))):
+        close(f"{name} d/d(arg {i})", g, fd, 1e-6, 1e-6)
+
+
+def masks(rng, kind, shape):
+    return {"random": lambda: (rng.random(shape) < 0.6).astype(np.float64),
+            "zeros": lambda: np.zeros(shape), "ones": lambda: np.ones(shape)}[kind]()
+
+
+dims = dict(n=st.integers(1, 3), c=st.integers(1, 4), d=st.integers(1, 5), h=st.integers(1, 7),
+            w=st.integers(1, 5), mask=st.sampled_from(["random", "zeros", "ones"]),
+            constant=st.booleans(), seed=st.integers(0, 2**32 - 1))
+
+
+def features(rng, n, d, h, w, constant):
+    x = rng.normal(size=(n, d, h, w))
+    return np.broadcast_to(x[..., :1, :1], x.shape).copy() if constant else x
+
+
+@SHAPES
+@given(**dims)
+@example(n=1, c=1, d=1, h=1, w=1, mask="zeros", constant=False, seed=0)
+@example(n=2, c=3, d=5, h=7, w=5, mask="random", constant=True, seed=1)
+def test_branch_logits_and_cam_match_reference(n, c, d, h, w, mask, constant, seed):
+    rng = np.random.default_rng(seed)
+    x, m = features(rng, n, d, h, w, constant), masks(rng, mask, (n, c, h, w))
+    wc, b = rng.normal(size=(c, d)), rng.normal(size=c)
+    mt = torch.tensor(m)
+    check_op("branch_logits", lambda x, w, b: ops.branch_logits(x, mt, w, b),
+             lambda x, w, b: R.branch_logits(x, m, w, b), [x, wc, b], rng)
+    check_op("cam", lambda x, w: ops.cam(x, mt, w), lambda x, w: R.cam(x, m, w), [x, wc], rng)
+    ones = np.ones((n, c, h, w))
+    check_op("branch_logits(m=None)", lambda x, w, b: ops.branch_logits(x, None, w, b),
+             lambda x, w, b: R.branch_logits(x, ones, w, b), [x, wc, b], rng)
+    check_op("gap", ops.gap, R.gap, [x], rng)
+
+
+@SHAPES
+@given(n=st.integers(1, 5), c=st.integers(1, 14), extreme=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@example(n=1, c=1, extreme=True, seed=0)
+def test_losses_match_reference(n, c, extreme, seed):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, c)) * (30 if extreme else 2)
+    y = (rng.random((n, c)) < 0.4).astype(np.float64)
+    yt = torch.tensor(y)
+    check_op("branch_losses", lambda z: ops.branch_losses(z, yt), lambda z: R.branch_losses(z, y), [z], rng)
+    check_op("classification_loss", lambda z: ops.classification_loss(z, yt),
+             lambda z: R.classification_loss(z, y), [z], rng)
+
+
+@SHAPES
+@given(n=st.integers(1, 3), k=st.integers(1, 6), h=st.integers(1, 5), w=st.integers(1, 4),
+       pooled=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_kp_losses_match_reference(n, k, h, w, pooled, seed):
+    rng = np.random.default_rng(seed)
+    shape = (n, k) if pooled else (n, k, h, w)
+    fa, fb = rng.normal(size=shape), rng.normal(size=shape)
+    check_op("kp_layer_loss", ops.kp_layer_loss, R.kp_layer_loss, [fa, fb], rng)
+    g = rng.normal(size=(n, 3))
+    check_op("kp_loss", lambda fa, fb, g: ops.kp_loss([(fa, fb), (g, g * 2)]),
+             lambda fa, fb, g: R.kp_loss([(fa, fb), (g, g * 2)]), [fa, fb, g], rng)
+    check_op("total_loss", lambda a, b: ops.total_loss(a.sum(), b.sum(), lam=0.5),
+             lambda a, b: R.total_loss(a.sum(), b.sum(), lam=0.5), [rng.normal(size=1), rng.normal(size=1)], rng)
+
+
+def test_kp_layer_loss_rejects_mismatched_layers():
+    with pytest.raises(ValueError, match=r"fa and fb must share one shape .* got \(2, 3\) and \(2, 4\)"):
+        ops.kp_layer_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="at least one"):
+        ops.kp_loss([])
+
+
+def test_backend_switch(monkeypatch):
+    t = torch.zeros(1)
+    assert ops.backend(t) == "torch"
+    monkeypatch.delenv("AMKP_BACKEND")
+    assert ops.backend(t) == "torch"                         # auto on CPU tensors
+    monkeypatch.setenv("AMKP_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"AMKP_BACKEND must be one of auto, torch, triton; got 'cuda'"):
+        ops.backend(t)
+
+
+def kernels_or_skip():
+    if ops._kernels() is None:
+        pytest.skip("the kernels package (masked_cam_logits, kp_distance) is not importable yet")
+
+
+@pytest.mark.parametrize("mask", ["random", "zeros"])
+def test_triton_backend_matches_reference(monkeypatch, mask):
+    kernels_or_skip()
+    monkeypatch.setenv("AMKP_BACKEND", "triton")
+    rng = np.random.default_rng(3)
+    x, m = rng.normal(size=(2, 19, 3, 5)), masks(rng, mask, (2, 14, 3, 5))
+    wc, b = rng.normal(size=(14, 19)), rng.normal(size=14)
+    args = [torch.tensor(a, dtype=torch.float32) for a in (x, m, wc, b)]
+    close("triton branch_logits", ops.branch_logits(*args), R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
+    close("triton cam", ops.cam(*args[:3]), R.cam(x, m, wc), 1e-4, 1e-4)
+    fa, fb = rng.normal(size=(3, 7, 4, 4)), rng.normal(size=(3, 7, 4, 4))
+    close("triton kp_layer_loss", ops.kp_layer_loss(torch.tensor(fa, dtype=torch.float32),
+                                                    torch.tensor(fb, dtype=torch.float32)),
+          R.kp_layer_loss(fa, fb), 1e-4, 1e-4)
+
+
+def test_forcing_triton_without_kernels_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("AMKP_BACKEND", "triton")
+    monkeypatch.setattr(ops, "_kernels", lambda: None)
+    with pytest.raises(RuntimeError, match="AMKP_BACKEND=triton, but the kernels package"):
+        ops.backend(torch.zeros(1))
+
+
+def test_one_training_step_is_the_same_on_both_backends(monkeypatch):
+    """A micro ResNet-MSA, loss (6) with erased maps and a drifted N_A: loss and every gradient."""
+    kernels_or_skip()
+    from minimal_amkp.config import ModelConfig
+    from minimal_amkp.mine import am_loss, frozen_copy
+    from minimal_amkp.model import ResNetMSA
+
+    torch.manual_seed(0)
+    model = ResNetMSA(ModelConfig(width=4, blocks=(1, 1, 1, 1), msa_channels=(16, 8)))
+    model_a = frozen_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = torch.rand(4, 1, 64, 64), (torch.rand(4, 14) < 0.5).float()
+    m = torch.ones(4, 14, 4, 4)
+    m[:2] = (torch.rand(2, 14, 4, 4) < 0.6).float()
+    results = {}
+    for name in ("torch", "triton"):
+        monkeypatch.setenv("AMKP_BACKEND", name)
+        model.zero_grad()
+        loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
+        loss.backward()
+        results[name] = [loss.detach(), l_kp.detach()] + [p.grad.clone() for p in model.parameters()
+                                                          if p.grad is not None]
+    assert results["torch"][1] > 0
+    assert len(results["torch"]) == len(results["triton"])
+    for i, (a, b) in enumerate(zip(results["torch"], results["triton"])):
+        close(f"loss, L_KP, gradient {i}", b, a.numpy(), 1e-4 * float(a.abs().max()) + 1e-6, 1e-3)

@@ -1,0 +1,192 @@
+"""The walkthrough's figures, drawn by the project's own code from a real run.
+
+    python -m walkthrough.make_figures [--run DIR] [--out walkthrough/figures]
+
+    phantom.png        four phantom images with their ground-truth boxes
+    mining_rounds.png  H_1..H_T (eq. 7) of one mining image and class, each over the X-ray,
+                       with the region erased before that round hatched
+    fused.png          H_1 with the baseline's boxes beside H_f (eq. 8) with the AM boxes
+
+The last two read DIR/mining.npz, the heatmaps and masks of an end-to-end run
+`python -m minimal_amkp --out DIR` (tiny preset on the phantom by default). Without that file
+the run is made (or resumed) first, which takes minutes on a CPU.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import zipfile
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from minimal_amkp import phantom
+from minimal_amkp import reference as R
+from minimal_amkp.chestxray import load_image, read_dataset
+from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
+from minimal_amkp.cli import main as run_pipeline
+from minimal_amkp.cli import phantom_root
+from minimal_amkp.config import from_dict
+from minimal_amkp.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
+                                  save_png, strip)
+from minimal_amkp.harvest import check_mining, frame, upsample
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PANEL = 256                                               # pixels per side of every panel
+LABEL = (255, 130, 130)                                  # class names: RED, lightened to read on black
+
+
+def grey_rgb(image):
+    return np.round(np.repeat(image[..., None], 3, axis=-1) * 255).astype(np.uint8)
+
+
+def label_boxes(rgb, boxes, texts, color):
+    """Copy of rgb with each text on a dark tab just inside the top-left corner of its box."""
+    im = Image.fromarray(rgb)
+    pen = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    for (x, y, _, _), text in zip(boxes, texts):
+        left, top, right, bottom = pen.textbbox((int(x) + 3, int(y) + 3), text, font=font)
+        pen.rectangle([left - 2, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
+        pen.text((int(x) + 3, int(y) + 3), text, fill=color, font=font)
+    return np.asarray(im)
+
+
+def phantom_figure(n_images=120, seed=0, panels=4):
+    """Phantom images covering as many box classes as `panels` images can (greedy, by name)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        phantom.generate(tmp, n_images=n_images, size=PANEL, seed=seed)
+        ds = read_dataset(tmp)
+        names, seen, picked = sorted(ds.boxes), set(), []
+        for _ in range(panels):
+            new = [len({b.label for b in ds.boxes[n]} - seen) for n in names]
+            k = int(np.argmax(new))
+            picked.append(names.pop(k))
+            seen |= {b.label for b in ds.boxes[picked[-1]]}
+        shown = []
+        for name in picked:
+            boxes = ds.boxes[name]
+            image, scaled = load_image(ds.image_path(name), PANEL,
+                                       np.array([(b.x, b.y, b.w, b.h) for b in boxes]))
+            rgb = draw_boxes(grey_rgb(image), scaled, RED)
+            shown.append(label_boxes(rgb, scaled, [SHORT_NAMES[b.label] for b in boxes], LABEL))
+    return strip(shown, picked, f"phantom ChestX-ray14 (seed {seed}): ground-truth boxes and "
+                                "their classes in red")
+
+
+def below(text, rgb, line=16):
+    """rgb with one more line of text under it, on the strip's background."""
+    im = Image.new("RGB", (rgb.shape[1], line + 4), BACKGROUND)
+    ImageDraw.Draw(im).text((4, 2), text, fill=TEXT, font=ImageFont.load_default())
+    return np.concatenate([rgb, np.asarray(im)])
+
+
+def ensure_run(run):
+    """DIR/mining.npz, running (or resuming) the end-to-end pipeline into DIR if it is missing."""
+    path = os.path.join(run, "mining.npz")
+    if not os.path.exists(path):
+        resume = ["--resume"] if os.path.exists(os.path.join(run, "config.json")) else []
+        if run_pipeline(["--out", run, *resume]) != 0:
+            sys.exit(f"make_figures: the run into {run} failed (see above)")
+    return path
+
+
+def best_iou(boxes, gt):
+    return float(R.iou(boxes[:, None, :4], gt[None]).max()) if len(boxes) else 0.0
+
+
+def pick_case(ds, names, labels, cams, h_f):
+    """The (image, class) with a ground-truth box where AM's boxes gained most over the baseline's.
+
+    Gain = best IoU of the up-to-3 boxes of H_f with the ground truth minus that of H_1's; ties
+    go to the first name. Returns (i, c, gt, baseline boxes, AM boxes), boxes in the image frame.
+    """
+    best = None
+    for i, name in enumerate(names):
+        for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
+            gt = np.array([(b.x, b.y, b.w, b.h) for b in ds.boxes.get(name, ()) if b.label == c])
+            if not len(gt):
+                continue
+            width, height = frame(ds, name)
+            base, am = (R.boxes_from_heatmap(upsample(h[i, c], width, height))
+                        for h in (cams[0], h_f))
+            gain = best_iou(am, gt) - best_iou(base, gt)
+            if best is None or gain > best[0]:
+                best = (gain, i, int(c), gt, base, am)
+    if best is None:
+        sys.exit("make_figures: no mining image has a ground-truth box of a class it is labelled with")
+    return best[1:]
+
+
+def mining_summary(labels, cams, masks, h_f):
+    """One line on what mining did over every (image, positive box class) map of the run."""
+    pos = labels[:, :len(BOX_CLASSES)].astype(bool)                                 # (n, 8)
+    erased = [1 - masks[t][pos].mean() for t in range(masks.shape[0])]
+    change = np.abs(h_f - cams[0])[pos].mean() / np.abs(cams[0][pos]).mean()
+    stalled = [int(np.all(masks[t] == masks[t - 1], axis=(-2, -1))[pos].sum())
+               for t in range(2, masks.shape[0])]
+    n, rounds = int(pos.sum()), range(1, masks.shape[0])
+    return (f"{n} (image, labelled class) maps: erased after round "
+            + ", ".join(f"{t}: {erased[t]:.0%}" for t in rounds) + " on average; "
+            + "".join(f"M{t} = M{t - 1} on {k} of {n}; " for t, k in enumerate(stalled, start=2))
+            + f"mean |Hf - H1| / mean |H1| = {change:.1%}")
+
+
+def load_run(run):
+    """(names, labels, cams, masks, data set) of the finished run in `run`, checked."""
+    path = ensure_run(run)
+    try:
+        with np.load(path) as f:
+            mining = {k: f[k][()] if f[k].ndim == 0 else f[k] for k in f.files}
+        check_mining(mining)                     # before the data set, which may be generated
+        with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+            cfg = from_dict(json.load(f))
+        ds = read_dataset(cfg.run.data or phantom_root(cfg))
+        names, labels, cams, masks, _ = check_mining(mining, ds)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        sys.exit(f"make_figures: --run {run}: {e}")
+    return [str(n) for n in names], labels, cams.astype(np.float64), masks.astype(np.float64), ds
+
+
+def mining_figures(run):
+    """(mining_rounds, fused) uint8 pictures of the chosen case of the run in `run`."""
+    names, labels, cams, masks, ds = load_run(run)                                   # (T, n, 8, h, w)
+    h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
+    i, c, gt, base, am = pick_case(ds, names, labels, cams, h_f)
+    image, scaled = load_image(ds.image_path(names[i]), PANEL, np.concatenate([gt, base[:, :4], am[:, :4]]))
+    gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(base)]))
+    title = f"{names[i]}  {BOX_CLASSES[c]}  ({masks.shape[-1]}x{masks.shape[-2]} feature map)"
+
+    def heat(h, m=None):
+        return draw_boxes(overlay_heatmap(image, upsample(h, PANEL, PANEL),
+                                          None if m is None else cells(m, PANEL)), gt_p, RED)
+
+    rounds = [draw_boxes(grey_rgb(image), gt_p, RED)]
+    titles = ["X-ray, ground truth"]
+    for t in range(cams.shape[0]):
+        rounds.append(heat(cams[t, i, c], masks[t, i, c]))
+        titles.append(f"H{t + 1}, under M{t}" + (" (all ones)" if t == 0 else ", hatched = erased"))
+    fused = [draw_boxes(heat(cams[0, i, c]), base_p, GREEN), draw_boxes(heat(h_f[i, c]), am_p, GREEN)]
+    summary = mining_summary(labels, cams, masks, h_f)
+    print(f"make_figures: {run}: {summary}")
+    return (below(summary, strip(rounds, titles, f"attention mining rounds: {title}")),
+            strip(fused, ["H1, baseline boxes", "Hf (eq. 8), AM boxes"],
+                  f"{title}  red = ground truth, green = harvested"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m walkthrough.make_figures", description=__doc__.split("\n")[0])
+    p.add_argument("--run", default=os.path.join("runs", "walkthrough"),
+                   help="folder of an end-to-end run (made if it holds no mining.npz)")
+    p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
+    args = p.parse_args(argv)
+    rounds, fused = mining_figures(args.run)
+    save_png(os.path.join(args.out, "phantom.png"), phantom_figure())
+    save_png(os.path.join(args.out, "mining_rounds.png"), rounds)
+    save_png(os.path.join(args.out, "fused.png"), fused)
+    print(f"wrote phantom.png, mining_rounds.png, fused.png to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
