@@ -28,3 +28,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+figures: $(STAMP)
+	$(PY) -m walkthrough.make_figures
