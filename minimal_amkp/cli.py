@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from minimal_amkp import checkpoint, phantom
+from minimal_amkp import checkpoint, distributed, phantom
 from minimal_amkp.atomic import atomic_open, atomic_write_text
 from minimal_amkp.chestxray import DataError, check_images, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
@@ -185,12 +185,12 @@ def run_job(cfg, data, resume):
     out, seed = cfg.run.out, cfg.run.seed
     device = pick_device(cfg.run.device)
     torch.manual_seed(seed)
-    model = ResNetMSA(cfg.model).to(device)
+    model = distributed.sync_batch_norm(ResNetMSA(cfg.model).to(device), device)
     h = map_size(cfg.data.image_size, cfg.model.msa)
-    state = checkpoint.load(out) if resume else None
+    state = distributed.on_main(checkpoint.load, out) if resume else None
     if state is None and cfg.run.init:
         load_init(model, cfg.run.init)
-    atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
+    distributed.on_main(atomic_write_text, os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
     model_a, masks, cams, done = None, [torch.ones(len(mining_names), len(BOX_CLASSES), h, h, dtype=torch.uint8)], [], (0, 0)
     if state is not None:
         checkpoint.restore_model(model, state["model"], checkpoint.path(out))
@@ -206,13 +206,14 @@ def run_job(cfg, data, resume):
     size, workers, preload = cfg.data.image_size, cfg.data.workers, cfg.data.preload
     train = Images(ds, train_names, size, preload, workers, "reading train_val images")
     mining = Images(ds, mining_names, size, preload, workers, "reading mining images")
+    rows = distributed.part(np.arange(len(mining_names)))      # the mining images this process maps
     for p, (phase, epochs) in enumerate(plan(cfg)):
         if p < done[0]:
             continue
         start = done[1] if p == done[0] else 0
         round_ = int(phase[5:]) if phase.startswith("round") else 0
         if round_ and model_a is None:
-            model_a = frozen_copy(model)
+            model_a = distributed.broadcast_module(frozen_copy(model))
         params = set_phase(model, "mine" if round_ else phase)
         opt = optimizer(params, cfg.mine.lr if round_ else cfg.train.lr, cfg.train)
         if state is not None and p == done[0] and 0 < start < epochs and state["optimizer"] is not None:
@@ -222,25 +223,32 @@ def run_job(cfg, data, resume):
                 mine_epoch(model, model_a, opt, mining, train, masks[-1], cfg, seed, round_, epoch, device)
             else:
                 classification_epoch(model, opt, phase, train, cfg, seed, epoch, device)
-            checkpoint.save(out, config=to_dict(cfg), phase=p, epoch=epoch + 1, model=model, opt=opt,
-                            model_a=model_a, masks=masks, cams=cams)
+            distributed.on_main(checkpoint.save, out, config=to_dict(cfg), phase=p, epoch=epoch + 1, model=model,
+                                opt=opt, model_a=model_a, masks=masks, cams=cams)
         if round_ and len(cams) < round_:
-            cams.append(compute_cams(model, mining, masks[-1], device, 2 * cfg.mine.batch_size,
-                                     f"CAMs H_{round_}"))
+            h_t = compute_cams(model, mining, masks[-1], device, 2 * cfg.mine.batch_size, f"CAMs H_{round_}", rows)
+            cams.append(distributed.gather(h_t))
             if round_ < cfg.mine.rounds:
-                masks.append(next_masks(cams[-1], masks[-1], mining.labels, cfg.mine.threshold))
-            checkpoint.save(out, config=to_dict(cfg), phase=p, epoch=epochs, model=model, opt=None,
-                            model_a=model_a, masks=masks, cams=cams)
+                masks.append(distributed.gather(next_masks(h_t, masks[-1][rows], mining.labels[rows],
+                                                           cfg.mine.threshold)))
+            distributed.on_main(checkpoint.save, out, config=to_dict(cfg), phase=p, epoch=epochs, model=model,
+                                opt=None, model_a=model_a, masks=masks, cams=cams)
     test = Images(ds, test_names, size, False, workers)
-    scores = predict(model, test, device, 2 * cfg.train.batch_size, "scoring the test split")
+    scores = distributed.gather(predict(model, test, device, 2 * cfg.train.batch_size, "scoring the test split",
+                                        distributed.part(np.arange(len(test_names)))))
     mined = dict(names=mining_names, labels=mining.labels.numpy().astype(np.uint8),
                  cams=torch.stack(cams).numpy(), masks=torch.stack(masks).numpy(), image_size=size)
     tested = dict(names=test_names, scores=scores, labels=test.labels.numpy().astype(np.uint8))
+    return distributed.on_main(write_outputs, out, model, mined, ds, tested, to_dict(cfg))
+
+
+def write_outputs(out, model, mined, ds, tested, config):
+    """mining.npz, test.npz, model.pt, then the report, boxes and figures; returns the report."""
     _save_npz(os.path.join(out, "mining.npz"), **{k: np.asarray(v) for k, v in mined.items()})
     _save_npz(os.path.join(out, "test.npz"), **{k: np.asarray(v) for k, v in tested.items()})
     with atomic_open(os.path.join(out, "model.pt"), "wb") as f:
         torch.save(model.state_dict(), f)
-    return write_report(out, mined, ds, tested, to_dict(cfg))
+    return write_report(out, mined, ds, tested, config)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None):
@@ -261,16 +269,21 @@ def main(argv=None):
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         cfg, resume, overwrite, given = parse(sys.argv[1:] if argv is None else argv)
-        cfg = prepare_out(cfg, resume, overwrite, given)
-        data = load_data(cfg)
-        report = run_job(cfg, data, resume)
+        with distributed.session(pick_device(cfg.run.device)):     # several processes under torchrun
+            cfg = distributed.on_main(prepare_out, cfg, resume, overwrite, given)
+            data = distributed.on_main(load_data, cfg)
+            report = run_job(cfg, data, resume)
     except (RunError, DataError) as e:
-        print(f"minimal_amkp: error: {' '.join(str(e).split())}", file=sys.stderr)
+        # An error that every process raises alike (a bad option, a bad --out) is printed once.
+        if distributed.is_main() or not (isinstance(e, UsageError) or getattr(e, "shared", False)):
+            print(f"minimal_amkp: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
-        print("minimal_amkp: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        if distributed.is_main():
+            print("minimal_amkp: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
         return 130
     finally:
         warnings.formatwarning = formatwarning
-    print(summarize(report, cfg.run.out, time.perf_counter() - start))
+    if distributed.is_main():
+        print(summarize(report, cfg.run.out, time.perf_counter() - start))
     return 0

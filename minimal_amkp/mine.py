@@ -21,7 +21,7 @@ import copy
 import numpy as np
 import torch
 
-from minimal_amkp import ops
+from minimal_amkp import distributed, ops
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.progress import Progress
@@ -76,7 +76,8 @@ def batch_masks(m8, classes):
 def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
     """Eq. (6) on one minibatch whose first n_erased images carry masks m[:n_erased].
 
-    x (N, 1, S, S), y (N, 14), m (N, 14, h, w) -> (L, L_cls, L_KP or None).
+    `model` is N_B or a callable running it (DDP); x (N, 1, S, S), y (N, 14), m (N, 14, h, w)
+    -> (L, L_cls, L_KP or None).
     """
     out = model(x, m)
     l_cls = ops.classification_loss(out.logits, y)
@@ -85,7 +86,7 @@ def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
     with torch.no_grad():
         a = model_a(x)                  # the whole minibatch: the same batch-norm statistics as N_B
     layers = [(a.layer3, out.layer3), (a.layer4, out.layer4), (a.logits, out.logits)]
-    if model.msa is not None:                              # without MSA, X is layer4
+    if model_a.msa is not None:              # N_A is N_B's architecture; without MSA, X is layer4
         layers.insert(2, (a.x, out.x))
     l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers])
     return ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp
@@ -95,10 +96,15 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
     """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1}."""
     k = cfg.mine
     set_phase(model, "mine")
+    net = distributed.replicate(model)
     batches = mining_batches(k.kp, len(mining), len(train), k.batch_size, k.fraction, seed, round_, epoch)
+    if k.kp == "full":                  # KP needs whole images in every process's slice
+        distributed.check_split([len(t) for _, t in batches], "--mine.batch-size (its N − n whole images)")
+    else:
+        distributed.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
 
     def loss_fn(idx):
-        mi, ti = idx
+        mi, ti = (distributed.part(i) for i in idx)       # this process's slice of each kind
         xm, ym = mining.batch(mi)
         m = batch_masks(masks[torch.as_tensor(mi)], ym.shape[1])
         if len(ti):
@@ -106,9 +112,11 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
             xm, ym = torch.cat([xm, xt]), torch.cat([ym, yt])
             m = torch.cat([m, torch.ones(len(ti), *m.shape[1:], dtype=m.dtype)])
         with autocast(device):
-            loss, _, _ = am_loss(model, model_a, to_device(xm, device), ym.to(device),
-                                 m.to(device, torch.float32), len(mi), k.kp, k.lam)
-        return loss
+            _, l_cls, l_kp = am_loss(net, model_a, to_device(xm, device), ym.to(device),
+                                     m.to(device, torch.float32), len(mi), k.kp, k.lam)
+        # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).
+        l_cls = distributed.share(len(mi) + len(ti), sum(map(len, idx))) * l_cls
+        return l_cls if l_kp is None else ops.total_loss(l_cls, distributed.share(len(ti), len(idx[1])) * l_kp, k.lam)
 
     return run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn, k.lr,
                      epoch * len(batches), k.epochs * len(batches),
@@ -116,19 +124,21 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
 
 
 @torch.no_grad()
-def compute_cams(model, mining, masks, device, batch_size, label="CAMs"):
-    """H_t: eq. (7) under masks M_{t-1} (n, 8, h, w) for every mining image -> float32 (n, 8, h, w)."""
+def compute_cams(model, mining, masks, device, batch_size, label="CAMs", rows=None):
+    """H_t: eq. (7) under masks M_{t-1} (n, 8, h, w) for the mining images at positions `rows`
+    (default all) -> float32 (len(rows), 8, h, w)."""
     model.eval()
-    out, progress = [], Progress(label, len(mining))
-    for start in range(0, len(mining), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(mining)))
+    rows = np.arange(len(mining)) if rows is None else np.asarray(rows)
+    out, progress = [], Progress(label, len(rows))
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size]
         x, _ = mining.batch(idx)
         with autocast(device):
             h = model.cam(to_device(x, device), masks[torch.as_tensor(idx)].to(device, torch.float32), B)
         out.append(h.float().cpu())
-        progress.update(int(idx[-1]) + 1, len(idx))
+        progress.update(start + len(idx), len(idx))
     progress.close()
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, B, *masks.shape[2:])
 
 
 def next_masks(h, m, labels, threshold):

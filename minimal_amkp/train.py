@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minimal_amkp import ops
+from minimal_amkp import distributed, ops
 from minimal_amkp.config import RunError
 from minimal_amkp.dataset import XrayDataset
 from minimal_amkp.progress import Progress
@@ -88,14 +88,20 @@ def chunks(perm, size):
     return [perm[i:i + size] for i in range(0, len(perm) - size + 1, size)]
 
 
-def shift(images, rng, fraction):
+def shift(images, rng, fraction, whole=None):
     """Translate each image by up to fraction·S pixels each way, edges replicated: a cue to
-    look at the lesion rather than at where it sits in the frame (before mining only)."""
+    look at the lesion rather than at where it sits in the frame (before mining only).
+
+    With `whole`, `images` are this process's part of a minibatch of `whole` images: the
+    offsets are drawn for all of them, so the draws do not depend on the number of processes.
+    """
     s = int(round(fraction * images.shape[-1]))
     if s == 0:
         return images
     padded = F.pad(images, (s, s, s, s), mode="replicate")
-    dy, dx = rng.integers(0, 2 * s + 1, size=(2, len(images)))
+    dy, dx = rng.integers(0, 2 * s + 1, size=(2, whole or len(images)))
+    if whole is not None:
+        dy, dx = distributed.part(dy), distributed.part(dx)
     size = images.shape[-1]
     return torch.stack([p[:, y:y + size, x:x + size] for p, y, x in zip(padded, dy, dx)])
 
@@ -148,7 +154,7 @@ def run_epoch(model, opt, batches, loss_fn, lr, step0, total, label):
         loss.backward()
         opt.step()
         model.constrain()
-        losses.append(loss.item())
+        losses.append(distributed.average(loss))             # the global minibatch's loss
         if not math.isfinite(losses[-1]):
             raise RunError(f"{label}: the loss became {losses[-1]}; lower the learning rate")
         progress.update(i + 1, n_images, losses[-1])
@@ -159,17 +165,20 @@ def run_epoch(model, opt, batches, loss_fn, lr, step0, total, label):
 def classification_epoch(model, opt, phase, images, cfg, seed, epoch, device):
     """One epoch of phase `base`, `msa_frozen` or `msa` over `images` (the train_val set)."""
     set_phase(model, phase)
+    net = distributed.replicate(model, "base_logits" if phase == "base" else "__call__")
     batches = chunks(order(seed, phase, epoch, len(images)), cfg.train.batch_size)
+    distributed.check_split([len(b) for b in batches], "--train.batch-size")
     rng = np.random.default_rng([seed, zlib.crc32(phase.encode()), epoch, 1])
     epochs = {"base": cfg.train.base_epochs, "msa_frozen": cfg.train.msa_frozen_epochs,
               "msa": cfg.train.msa_epochs}[phase]
 
     def loss_fn(idx):
-        x, y = images.batch(idx)
-        x, y = to_device(shift(x, rng, cfg.train.shift), device), y.to(device)
+        local = distributed.part(idx)                      # this process's slice of the minibatch
+        x, y = images.batch(local)
+        x, y = to_device(shift(x, rng, cfg.train.shift, len(idx)), device), y.to(device)
         with autocast(device):
-            logits = model.base_logits(x) if phase == "base" else model(x).logits
-        return ops.classification_loss(logits, y)
+            logits = net(x) if phase == "base" else net(x).logits
+        return distributed.share(len(local), len(idx)) * ops.classification_loss(logits, y)
 
     return run_epoch(model, opt, [(len(b), b) for b in batches], loss_fn, cfg.train.lr,
                      epoch * len(batches), epochs * len(batches),
@@ -177,15 +186,16 @@ def classification_epoch(model, opt, phase, images, cfg, seed, epoch, device):
 
 
 @torch.no_grad()
-def predict(model, images, device, batch_size, label="scoring"):
-    """Sigmoid class probabilities (n, 14) with all-ones masks, in eval mode."""
+def predict(model, images, device, batch_size, label="scoring", rows=None):
+    """Sigmoid class probabilities (n, 14) of the images at positions `rows` (default all), all-ones masks, eval mode."""
     model.eval()
-    out, progress = [], Progress(label, len(images))
-    for start in range(0, len(images), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(images)))
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    out, progress = [], Progress(label, len(rows))
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start:start + batch_size]
         x, _ = images.batch(idx)
         with autocast(device):
             out.append(torch.sigmoid(model(to_device(x, device)).logits.float()).cpu())
-        progress.update(int(idx[-1]) + 1, len(idx))
+        progress.update(start + len(idx), len(idx))
     progress.close()
     return torch.cat(out).numpy() if out else np.zeros((0, 14), np.float32)
