@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from minimal_amkp import checkpoint, distributed, phantom
+from minimal_amkp import checkpoint, distributed, ops, phantom
 from minimal_amkp.atomic import atomic_open, atomic_write_text
 from minimal_amkp.chestxray import DataError, check_images, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
@@ -78,6 +78,10 @@ def parse(argv):
     resume, overwrite = ns.pop("resume", False), ns.pop("overwrite", False)
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    try:
+        ops.backend()                            # AMKP_BACKEND is read per op: check it up front
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
     try:
         cfg = validate(_apply(preset(ns.get("run.preset", "tiny")), ns))
     except RunError as e:
@@ -138,7 +142,8 @@ def phantom_root(cfg):
         tmp = f"{root}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         say(f"generating the phantom data set into {root} (once)")
-        phantom.generate(tmp, n_images=d.phantom_images, size=d.phantom_size, seed=d.phantom_seed)
+        phantom.generate(tmp, n_images=d.phantom_images, size=d.phantom_size, seed=d.phantom_seed,
+                         progress=True)
         try:
             os.rename(tmp, root)
         except OSError:                          # a concurrent run got there first
@@ -186,6 +191,9 @@ def run_job(cfg, data, resume):
     device = pick_device(cfg.run.device)
     torch.manual_seed(seed)
     model = distributed.sync_batch_norm(ResNetMSA(cfg.model).to(device), device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)      # inputs follow in train.to_device
     h = map_size(cfg.data.image_size, cfg.model.msa)
     state = distributed.on_main(checkpoint.load, out) if resume else None
     if state is None and cfg.run.init:

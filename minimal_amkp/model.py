@@ -5,7 +5,8 @@ ImageNet state dict loads with `load_init`. ResNet-MSA reduces layer4 (1/32 of t
 512 channels with a 1×1 conv and upsamples it ×2 (bilinear or a 3×3 stride-2 transposed conv),
 reduces layer3 (1/16) to 256 and concatenates: X (N, 768, S/16, S/16). `msa="none"` is the
 plain ResNet with X = layer4. The branches are one (C, D) weight w and a (C,) bias b applied
-to the GAP of the class-erased X through `ops.branch_logits`.
+to the GAP of the class-erased X through `ops.branch_logits`. Two options of ours, off in the
+`paper` preset and on in `tiny` (from-scratch training): w >= 0 and replicate conv padding.
 """
 import math
 from collections import namedtuple

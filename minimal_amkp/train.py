@@ -1,6 +1,7 @@
 """Multi-label classification training before attention mining (Sec. 3.1), and what all stages share.
 
-Phases, each SGD with momentum over a cosine schedule with a short warm-up:
+Phases, each with SGD + momentum (paper) or AdamW over a cosine schedule with a short warm-up,
+and optional random shifts of the images (never during mining, where masks must stay put):
     base        ResNet-50 alone: GAP of layer4 -> 14 logits, loss (2)-(3) with all-ones masks
     msa_frozen  MSA initialisation: layers below MSA fixed (weights and batch-norm statistics),
                 MSA and the branches trained
@@ -21,9 +22,6 @@ from minimal_amkp import distributed, ops
 from minimal_amkp.config import RunError
 from minimal_amkp.dataset import XrayDataset
 from minimal_amkp.progress import Progress
-
-PHASES = ("base", "msa_frozen", "msa")
-
 
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():

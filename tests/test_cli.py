@@ -113,6 +113,12 @@ def test_bad_command_lines_exit_2_with_one_line(capsys, args, message):
     assert capsys.readouterr().err == ""
 
 
+def test_a_bad_backend_variable_is_a_command_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("AMKP_BACKEND", "fast")
+    assert main([]) == 2
+    assert "AMKP_BACKEND must be one of auto, torch, triton; got 'fast'" in error_line(capsys)
+
+
 def test_the_real_entry_point_prints_one_line(tmp_path):
     r = run([sys.executable, "-m", "minimal_amkp", "--nonsense"], cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unrecognized arguments: --nonsense" in r.stderr
@@ -147,8 +153,9 @@ def test_bad_data_exits_1_with_one_line(capsys, data, tmp_path, how, message):
 def test_skip_bad_images_drops_them_and_runs(capsys, data, tmp_path):
     root = broken_copy(data, tmp_path, truncate_first_png)
     quick = MICRO + ["--train.base_epochs", "1", "--train.msa_epochs", "1", "--mine.epochs", "1"]
-    with pytest.warns(UserWarning, match="skipped 1 bad item"):
+    with pytest.warns(UserWarning) as caught:
         assert main(["--data", root, "--out", str(tmp_path / "out"), "--skip-bad-images", *quick]) == 0
+    assert any("skipped 1 bad item" in str(w.message) for w in caught)
     assert (tmp_path / "out" / "report.json").exists()
 
 
