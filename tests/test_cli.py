@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from minimal_amkp import phantom
 from minimal_amkp.cli import main, phantom_root
 from minimal_amkp.config import ModelConfig
 from minimal_amkp.model import ResNetMSA
@@ -23,13 +22,6 @@ MICRO = ["--data.image_size", "64", "--model.width", "4", "--model.msa_channels"
          "--train.batch_size", "8", "--mine.batch_size", "8", "--train.base_epochs", "2",
          "--train.msa_frozen_epochs", "1", "--train.msa_epochs", "2", "--mine.epochs", "2",
          "--mine.rounds", "2", "--data.workers", "1"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom") / "micro"
-    phantom.generate(str(root), n_images=40, size=64, seed=0)
-    return str(root)
 
 
 def command(data, out, *extra):

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from test_harvest import make_world
+from mining_world import make_world
 
 from minimal_amkp import figures as F
 from minimal_amkp.classes import BOX_CLASSES

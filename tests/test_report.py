@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from test_harvest import make_world
+from mining_world import make_world
 
 from minimal_amkp import reference as R
 from minimal_amkp.chestxray import read_bbox_list
@@ -108,6 +108,14 @@ def test_one_image_one_step(tmp_path):
     assert sum(r["n_boxes"]["prior"].values()) == 0 and r["summary"]["prior"] == 0.0  # GT, no boxes
     assert r["acc_afp"]["iou"]["baseline"] == r["acc_afp"]["iou"]["am"]
     assert len(read_bbox_list(tmp_path / "out" / "boxes.csv")) == sum(r["n_boxes"]["am"].values())
+
+
+def test_without_extras_the_tables_are_the_same_and_nothing_is_drawn(run, tmp_path):
+    ds, mining, test, _, full = run
+    r = write_report(tmp_path / "out", mining, ds, test, {"run": {"report_extras": False}})
+    assert r["acc_afp"] == full["acc_afp"] and r["max_box_acc_v2"] is None and r["figures"] == []
+    assert not (tmp_path / "out" / "figures").exists()
+    assert (tmp_path / "out" / "report.md").read_text().count("--report-extras false") == 2
 
 
 @pytest.mark.parametrize("which, change, message", [
