@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test install run bench figures clean
+.PHONY: test install run bench reproduce figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+reproduce: $(STAMP)
+	$(PY) -m bench.reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -32,7 +32,7 @@ from minimal_amkp.progress import clock, say
 from minimal_amkp.report import write_report
 from minimal_amkp.train import Images, classification_epoch, pick_device, predict, set_phase, optimizer
 
-IGNORED_ON_RESUME = ("run.device", "run.out")      # may change between the halves of one run
+IGNORED_ON_RESUME = ("run.device", "run.out", "run.report_extras")   # may change between the halves of one run
 
 
 class UsageError(RunError):

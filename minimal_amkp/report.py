@@ -2,7 +2,7 @@
 
 write_report(out_dir, mining, ds, test, config) writes
     boxes.csv       AM boxes (from H_f), BBox_List_2017.csv columns + score, rank
-    figures/*.png   Fig. 2-style strips (figures.py)
+    figures/*.png   Fig. 2-style strips (figures.py); not with --report-extras false
     report.md       the tables below, with links to the figures
     report.json     every number, machine-readable (NaN as null); written last
 Every number comes from minimal_amkp.reference (auroc, acc_afp_table, max_box_acc_v2); this
@@ -31,6 +31,7 @@ SUMMARY_IOU = 0.3
 # (Choe et al. use 224 px), capped at this size: IoU does not change when both boxes are scaled
 # alike, so the cap costs little accuracy and saves minutes on 1024-px inputs.
 MAXBOX_SIZE = 256
+SKIPPED = "--report-extras false"
 
 
 def check_test(test):
@@ -113,20 +114,22 @@ def markdown(r, figures):
                   f"\"ref.\" AFP of Table 2).{same}", ""]
         for m in METHODS:
             lines += [f"### {TITLES[m]}", "", R.format_acc_afp(r["acc_afp"][ov][m]), ""]
-    lines += ["## MaxBoxAccV2 (mean over δ ∈ {0.3, 0.5, 0.7})", "",
-              "| method | " + " | ".join(SHORT_NAMES) + " | mean |",
-              "|" + "---|" * (len(SHORT_NAMES) + 2)]
-    for m in ("baseline", "am"):
-        mb = r["max_box_acc_v2"][m]
-        cells = [fmt(mb[c]["value"] if mb[c] else None) for c in BOX_CLASSES]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(mb['mean'])} |")
+    lines += ["## MaxBoxAccV2 (mean over δ ∈ {0.3, 0.5, 0.7})", ""]
+    if r["max_box_acc_v2"] is None:
+        lines.append(f"Not computed ({SKIPPED}).")
+    else:
+        lines += ["| method | " + " | ".join(SHORT_NAMES) + " | mean |", "|" + "---|" * (len(SHORT_NAMES) + 2)]
+        for m in ("baseline", "am"):
+            mb = r["max_box_acc_v2"][m]
+            cells = [fmt(mb[c]["value"] if mb[c] else None) for c in BOX_CLASSES]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(mb['mean'])} |")
     lines += ["", f"## Classification, AUROC on the test split ({r['n_test_images']} images)", "",
               "| class | AUROC | positives |", "|---|---|---|"]
     lines += [f"| {c} | {fmt(r['auroc'][c])} | {r['test_positives'][c]} |" for c in CLASSES]
     lines += [f"| mean | {fmt(r['mean_auroc'])} | |", "", "## Figures", "",
               "Image with ground truth (red); H_1 with the baseline's boxes (green); H_2..H_T with the "
               "region erased before that step hatched; H_f with the AM boxes (green).", ""]
-    lines += [f"![{os.path.basename(p)}]({p})" for p in figures]
+    lines += [f"![{os.path.basename(p)}]({p})" for p in figures] if figures else [f"Not drawn ({SKIPPED})."]
     lines += ["", "## Notes", "",
               "- Box prior: each class's mean ground-truth box (relative centre and size), one per "
               "positive image, averaged over the OTHER mining images' boxes. ChestX-ray14's training "
@@ -151,6 +154,7 @@ def write_report(out_dir, mining, ds, test, config):
         json.dumps(jsonable(config))
     except (TypeError, ValueError) as e:
         raise ValueError(f"config: not JSON-able ({e})") from None
+    extras = config.get("run", {}).get("report_extras", True)
     frames = [frame(ds, name) for name in names]
     h_1, h_f = np.asarray(cams[0], dtype=np.float64), fused(cams, masks)   # (n, 8, h, w) each
     boxes = {"prior": box_prior(names, labels, frames, ds.boxes),
@@ -171,11 +175,11 @@ def write_report(out_dir, mining, ds, test, config):
         acc_afp=acc_afp, afp_bounds=R.DEFAULT_AFP_BOUNDS,
         max_box_acc_v2_size=min(size, MAXBOX_SIZE),
         max_box_acc_v2={m: max_box_acc(h, names, frames, gt, min(size, MAXBOX_SIZE))
-                        for m, h in (("baseline", h_1), ("am", h_f))},
+                        for m, h in (("baseline", h_1), ("am", h_f))} if extras else None,
         auroc=auroc, mean_auroc=nanmean(list(auroc.values())),
         test_positives={c: int(test_labels[:, k].sum()) for k, c in enumerate(CLASSES)},
         config=config)
-    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"])
+    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"]) if extras else []
     write_boxes_csv(os.path.join(out_dir, "boxes.csv"), boxes["am"])
     atomic_write_text(os.path.join(out_dir, "report.md"), markdown(r, figures))
     r["figures"] = figures
