@@ -6,7 +6,7 @@
 
 Run options are flat; every hyper-parameter is `--section.field` (config.py lists them; dashes
 and underscores both work). Without --data the phantom is generated once into
-data/phantom-n<images>-s<size>-seed<seed>/ under the current folder and reused after.
+data/phantom-v<version>-n<images>-s<size>-seed<seed>/ under the current folder and reused after.
 A problem the user must fix ends the run with one line on stderr: exit 2 for a bad command
 line, 1 for bad data, checkpoints or folders.
 """
@@ -137,7 +137,8 @@ def prepare_out(cfg, resume, overwrite, given):
 def phantom_root(cfg):
     """The cached phantom for these settings, generated on first use (atomically: a folder rename)."""
     d = cfg.data
-    root = os.path.join("data", f"phantom-n{d.phantom_images}-s{d.phantom_size}-seed{d.phantom_seed}")
+    name = f"phantom-v{phantom.VERSION}-n{d.phantom_images}-s{d.phantom_size}-seed{d.phantom_seed}"
+    root = os.path.join("data", name)
     if not os.path.isdir(root):
         tmp = f"{root}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,9 @@ PREVALENCE = {"Atelectasis": 1.2, "Cardiomegaly": 1.0, "Effusion": 1.3, "Infiltr
 N_FINDINGS_P = (0.6, 0.3, 0.1)       # 1, 2 or 3 findings in an abnormal image
 NORMAL_SHARE = {False: 0.5, True: 0.4}   # No Finding share in train_val, test
 TEST_SHARE = 0.25
+# Bump whenever a seed's files change: cached phantoms (cli.phantom_root) are named by it, so a
+# cache drawn by older code is never mistaken for the current one.
+VERSION = 1
 MIN_IMAGES, MIN_SIZE, MAX_SIZE = 4, 32, 2048
 POOL_MIN_IMAGES = 100     # fewer draw in-process: starting workers would cost more
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from minimal_amkp import phantom
 from minimal_amkp.cli import main, phantom_root
 from minimal_amkp.config import ModelConfig
 from minimal_amkp.model import ResNetMSA
@@ -185,8 +186,8 @@ def test_the_default_phantom_is_generated_once_into_data(monkeypatch, tmp_path):
     cfg = preset("tiny")
     cfg.data.phantom_images, cfg.data.phantom_size = 20, 32
     root = phantom_root(cfg)
-    assert root == os.path.join("data", "phantom-n20-s32-seed0")
+    assert root == os.path.join("data", f"phantom-v{phantom.VERSION}-n20-s32-seed0")
     assert os.path.isfile(os.path.join(root, "Data_Entry_2017.csv"))
     stamp = os.path.getmtime(os.path.join(root, "Data_Entry_2017.csv"))
     assert phantom_root(cfg) == root and os.path.getmtime(os.path.join(root, "Data_Entry_2017.csv")) == stamp
-    assert os.listdir("data") == ["phantom-n20-s32-seed0"]
+    assert os.listdir("data") == [f"phantom-v{phantom.VERSION}-n20-s32-seed0"]

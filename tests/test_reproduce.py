@@ -80,6 +80,12 @@ def test_a_forked_cell_equals_the_run_it_stands_for(data, study, tmp_path):
         np.testing.assert_array_equal(forked["masks"], fresh["masks"])
 
 
+def test_the_paper_preset_studies_512_and_1024_on_the_given_folder(data):
+    study, given = reproduce.parse(["--preset", "paper", "--data", data])
+    assert study.sizes == (512, 1024) and study.seeds == (0, 1, 2)
+    assert given[-4:] == ["--preset", "paper", "--data", data]
+
+
 def test_the_no_msa_baseline_trains_as_many_epochs_as_resnet_msa():
     given = ["--train.base-epochs", "2", "--train.msa-frozen-epochs", "1", "--train.msa-epochs", "3"]
     assert reproduce.with_epochs(given, ["--model.msa", "none"])[-2:] == ["--train.base-epochs", "6"]
