@@ -24,8 +24,7 @@ import torch
 from minimal_amkp import distributed, ops
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
-from minimal_amkp.progress import Progress
-from minimal_amkp.train import autocast, chunks, order, run_epoch, set_phase, to_device
+from minimal_amkp.train import autocast, chunks, infer, order, run_epoch, set_phase, to_device
 
 B = len(BOX_CLASSES)                                       # masks and CAMs cover the 8 box classes
 
@@ -123,22 +122,12 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
                      f"AM round {round_}/{k.rounds} epoch {epoch + 1}/{k.epochs}")
 
 
-@torch.no_grad()
 def compute_cams(model, mining, masks, device, batch_size, label="CAMs", rows=None):
     """H_t: eq. (7) under masks M_{t-1} (n, 8, h, w) for the mining images at positions `rows`
     (default all) -> float32 (len(rows), 8, h, w)."""
-    model.eval()
-    rows = np.arange(len(mining)) if rows is None else np.asarray(rows)
-    out, progress = [], Progress(label, len(rows))
-    for start in range(0, len(rows), batch_size):
-        idx = rows[start:start + batch_size]
-        x, _ = mining.batch(idx)
-        with autocast(device):
-            h = model.cam(to_device(x, device), masks[torch.as_tensor(idx)].to(device, torch.float32), B)
-        out.append(h.float().cpu())
-        progress.update(start + len(idx), len(idx))
-    progress.close()
-    return torch.cat(out) if out else torch.zeros(0, B, *masks.shape[2:])
+    h = infer(model, mining, device, batch_size, label, rows,
+              lambda x, idx: model.cam(x, masks[torch.as_tensor(idx)].to(device, torch.float32), B))
+    return h if h is not None else torch.zeros(0, B, *masks.shape[2:])
 
 
 def next_masks(h, m, labels, threshold):

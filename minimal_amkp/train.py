@@ -184,8 +184,9 @@ def classification_epoch(model, opt, phase, images, cfg, seed, epoch, device):
 
 
 @torch.no_grad()
-def predict(model, images, device, batch_size, label="scoring", rows=None):
-    """Sigmoid class probabilities (n, 14) of the images at positions `rows` (default all), all-ones masks, eval mode."""
+def infer(model, images, device, batch_size, label, rows, fn):
+    """fn(x on device, positions) in eval mode and autocast over the images at positions `rows`
+    (default all), batch by batch with a progress line -> the float32 CPU outputs, concatenated."""
     model.eval()
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     out, progress = [], Progress(label, len(rows))
@@ -193,7 +194,13 @@ def predict(model, images, device, batch_size, label="scoring", rows=None):
         idx = rows[start:start + batch_size]
         x, _ = images.batch(idx)
         with autocast(device):
-            out.append(torch.sigmoid(model(to_device(x, device)).logits.float()).cpu())
+            out.append(fn(to_device(x, device), idx).float().cpu())
         progress.update(start + len(idx), len(idx))
     progress.close()
-    return torch.cat(out).numpy() if out else np.zeros((0, 14), np.float32)
+    return torch.cat(out) if out else None
+
+
+def predict(model, images, device, batch_size, label="scoring", rows=None):
+    """Sigmoid class probabilities (n, 14) of the images at positions `rows` (default all), all-ones masks."""
+    p = infer(model, images, device, batch_size, label, rows, lambda x, _: torch.sigmoid(model(x).logits.float()))
+    return p.numpy() if p is not None else np.zeros((0, 14), np.float32)
