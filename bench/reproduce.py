@@ -168,10 +168,10 @@ def fork(source, argv):
 
 
 def run_cell(name, argv, source):
-    """Run (or resume, or fork and then run) one cell; -> seconds spent, or None if done before."""
+    """Run (or resume, or fork and then run) one cell unless it has finished; its time goes to seconds.json."""
     out = argv[argv.index("--out") + 1]
     if os.path.exists(os.path.join(out, "report.json")):
-        return None
+        return
     start = time.perf_counter()
     if source is not None and not os.path.exists(os.path.join(out, "config.json")):
         fork(source, argv)
@@ -185,7 +185,6 @@ def run_cell(name, argv, source):
         raise RunError(f"cell {name} failed (exit {code}, message above); its folder is {out}")
     seconds = time.perf_counter() - start
     atomic_write_text(os.path.join(out, "seconds.json"), json.dumps({"seconds": seconds}) + "\n")
-    return seconds
 
 
 def all_boxes_acc(h_f, names, labels, frames, gt):

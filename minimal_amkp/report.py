@@ -93,7 +93,7 @@ def fmt(v):
 
 
 def markdown(r, figures):
-    """report.md from the report dict r (before jsonable) and the figure paths."""
+    """report.md from the report dict r (before jsonable) and the figure paths (None: not drawn)."""
     s = r["summary"]
     lines = [
         "# Attention-mining report", "",
@@ -129,7 +129,7 @@ def markdown(r, figures):
     lines += [f"| mean | {fmt(r['mean_auroc'])} | |", "", "## Figures", "",
               "Image with ground truth (red); H_1 with the baseline's boxes (green); H_2..H_T with the "
               "region erased before that step hatched; H_f with the AM boxes (green).", ""]
-    lines += [f"![{os.path.basename(p)}]({p})" for p in figures] if figures else [f"Not drawn ({SKIPPED})."]
+    lines += [f"Not drawn ({SKIPPED})."] if figures is None else [f"![{os.path.basename(p)}]({p})" for p in figures]
     lines += ["", "## Notes", "",
               "- Box prior: each class's mean ground-truth box (relative centre and size), one per "
               "positive image, averaged over the OTHER mining images' boxes. ChestX-ray14's training "
@@ -179,10 +179,10 @@ def write_report(out_dir, mining, ds, test, config):
         auroc=auroc, mean_auroc=nanmean(list(auroc.values())),
         test_positives={c: int(test_labels[:, k].sum()) for k, c in enumerate(CLASSES)},
         config=config)
-    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"]) if extras else []
+    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"]) if extras else None
     write_boxes_csv(os.path.join(out_dir, "boxes.csv"), boxes["am"])
     atomic_write_text(os.path.join(out_dir, "report.md"), markdown(r, figures))
-    r["figures"] = figures
+    r["figures"] = figures or []
     r = jsonable(r)
     atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(r, indent=1) + "\n")
     return r
