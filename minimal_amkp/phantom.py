@@ -2,17 +2,23 @@
 
     python -m minimal_amkp.phantom --out DIR [--n-images N] [--size S] [--seed K]
                                    [--label-noise P] [--preview]
+    python -m minimal_amkp.phantom --stats DIR
 
 writes DIR/images/*.png (8-bit grayscale, named patient_followup.png), Data_Entry_2017.csv
 (2017 variant, trailing commas), BBox_List_2017.csv (real header, `Infiltrate`),
-train_val_list.txt, test_list.txt and optionally preview.png. Choices where the release gives
-no answer:
+train_val_list.txt, test_list.txt, optionally preview.png, and one file the release does not
+have: chest_masks.npz, each image's chest cavity (lungs, mediastinum, heart) as a
+CHEST_SIDE² mask, so that a run can measure whether its heatmaps point into the chest.
+`--stats DIR` compares a data set's boxes with the real release (phantom_stats.py).
+Choices where the release gives no answer:
 - About half the images are No Finding (40% in test); the rest carry 1-3 findings, drawn with
   prevalence weights flattened from the release's counts so that every class has examples.
 - The split is by patient, as in the release, with about a quarter of the images in test.
-- Every test image with a box-class finding is boxed, one box per drawn lesion of each of its
-  box classes (the release boxes only some); boxed images are never in train_val. Lesions of
-  one class come 2-3 to an image often enough that attention mining has more to find.
+- Half the test images with a box-class finding are boxed (BOXED_SHARE), one box per drawn
+  lesion of each of its box classes; the other half stay unboxed positives, as most are in the
+  release, so classification of the box classes is measured on images that are never mined.
+  Boxed images are never in train_val. Lesions of one class come 2-3 to an image often enough
+  that attention mining has more to find (phantom_draw says how later lesions differ).
 - label_noise P flips each of the 14 labels of each train_val image independently with
   probability P in Data_Entry only (the picture keeps its true signs); test labels stay true.
 - Image i depends only on (seed, i) and PNGs carry no timestamps, so runs are byte-identical
@@ -34,9 +40,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from .chestxray import BBox, Entry, write_bbox_list, write_data_entry
+from .chestxray import BBox, DataError, Entry, read_dataset, write_bbox_list, write_data_entry
 from .classes import BOX_CLASSES, CLASSES
+from .harvest import frame
 from .phantom_draw import draw
+from .phantom_stats import box_stats, format_stats
 
 # Relative prevalence of each finding among abnormal images: the release's counts (Hernia 227
 # ... Infiltration 19,894) flattened so a 2,000-image phantom still has every class.
@@ -46,10 +54,13 @@ PREVALENCE = {"Atelectasis": 1.2, "Cardiomegaly": 1.0, "Effusion": 1.3, "Infiltr
               "Pleural_Thickening": 0.5, "Hernia": 0.3}
 N_FINDINGS_P = (0.6, 0.3, 0.1)       # 1, 2 or 3 findings in an abnormal image
 NORMAL_SHARE = {False: 0.5, True: 0.4}   # No Finding share in train_val, test
-TEST_SHARE = 0.25
+TEST_SHARE = 0.3
+BOXED_SHARE = 0.5            # of the test images with a box-class finding
+CHEST_SIDE = 64              # chest masks are stored at this resolution, whatever the image size
+CHEST_MASKS = "chest_masks.npz"
 # Bump whenever a seed's files change: cached phantoms (cli.phantom_root) are named by it, so a
 # cache drawn by older code is never mistaken for the current one.
-VERSION = 1
+VERSION = 2
 MIN_IMAGES, MIN_SIZE, MAX_SIZE = 4, 32, 2048
 POOL_MIN_IMAGES = 100     # fewer draw in-process: starting workers would cost more
 
@@ -71,7 +82,7 @@ def plan(n_images, seed):
     """Patients, follow-ups, views, true labels and the patient-wise split of every image.
 
     -> dict of arrays over images: name, patient, follow_up, age, gender, view, test (bool),
-    labels (N, 14) uint8.
+    labels (N, 14) uint8, boxed (bool: a test image with a box-class finding chosen for boxes).
     """
     rng = np.random.default_rng([seed, 0])
     rows, pid = [], 0
@@ -97,7 +108,8 @@ def plan(n_images, seed):
         if rng.random() >= NORMAL_SHARE[bool(test[i])]:
             k = rng.choice(3, p=N_FINDINGS_P) + 1
             labels[i, rng.choice(len(CLASSES), k, replace=False, p=weights / weights.sum())] = 1
-    return dict(name=[f"{r[0]:08d}_{r[1]:03d}.png" for r in rows],
+    boxed = test & labels[:, :len(BOX_CLASSES)].any(1) & (rng.random(n_images) < BOXED_SHARE)
+    return dict(boxed=boxed, name=[f"{r[0]:08d}_{r[1]:03d}.png" for r in rows],
                 patient=[r[0] for r in rows], follow_up=[r[1] for r in rows],
                 age=[r[2] for r in rows], gender=[r[3] for r in rows],
                 view=[r[4] for r in rows], test=test, labels=labels)
@@ -110,17 +122,49 @@ def _png(img):
     return buf.getvalue()
 
 
+def _chest_mask(chest):
+    """A boolean (S, S) chest cavity -> (CHEST_SIDE, CHEST_SIDE) bool, by area (nearest below)."""
+    im = Image.fromarray(chest.astype(np.uint8) * 255)
+    return np.asarray(im.resize((CHEST_SIDE, CHEST_SIDE), Image.Resampling.BOX)) >= 128
+
+
 def _draw_one(job):
     seed, i, size, labels, view = job
-    img, found = draw(np.random.default_rng([seed, i + 1]), size, labels, view)
-    return _png(img), found
+    d = draw(np.random.default_rng([seed, i + 1]), size, labels, view)
+    return _png(d.image), d.boxes, _chest_mask(d.chest)
+
+
+def write_chest_masks(path, names, masks):
+    """chest_masks.npz: names (n,) and the masks (n, CHEST_SIDE, CHEST_SIDE) bit-packed."""
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, names=np.array(names), side=CHEST_SIDE,
+                            bits=np.packbits(np.asarray(masks, bool).reshape(len(names), -1), axis=1))
+
+
+def read_chest_masks(root):
+    """{name: bool (CHEST_SIDE, CHEST_SIDE)} from a phantom's chest_masks.npz; None without one
+    (a real ChestX-ray14 folder). The mask covers the image, row-major, top row first."""
+    path = os.path.join(root, CHEST_MASKS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as z:
+            names, side, bits = list(z["names"]), int(z["side"]), z["bits"]
+        masks = np.unpackbits(bits, axis=1, count=side * side).reshape(-1, side, side).astype(bool)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not a chest mask file of this program ({e})") from None
+    if len(masks) != len(names):
+        raise ValueError(f"{path}: {len(names)} names but {len(masks)} masks")
+    return dict(zip(names, masks))
 
 
 def _write_images(out, names, drawn, boxed, progress, t0):
-    """Write each (png, found) in order; return the boxes of the boxed images."""
-    boxes, shown = [], 0.0
-    for i, (png, found) in enumerate(drawn):
+    """Write each (png, found, chest) in order; return the boxes of the boxed images and the
+    chest masks."""
+    boxes, chests, shown = [], [], 0.0
+    for i, (png, found, chest) in enumerate(drawn):
         atomic_write_bytes(os.path.join(out, "images", names[i]), png)
+        chests.append(chest)
         if boxed[i]:
             boxes += [BBox(names[i], c, *b) for c, b in found]
         if progress and (time.perf_counter() - shown > 0.25 or i + 1 == len(names)):
@@ -129,7 +173,7 @@ def _write_images(out, names, drawn, boxed, progress, t0):
             sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
-    return boxes
+    return boxes, chests
 
 
 def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=False,
@@ -147,7 +191,7 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     t0 = time.perf_counter()
     p = plan(n_images, seed)
-    boxed = p["test"] & p["labels"][:, :len(BOX_CLASSES)].any(1)
+    boxed = p["boxed"]
     jobs = ((seed, i, size, p["labels"][i], p["view"][i]) for i in range(n_images))
     if workers > 1 and n_images >= POOL_MIN_IMAGES:
         # spawn, not fork: the caller may hold torch's threads, which a fork would copy mid-lock.
@@ -156,12 +200,12 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
                                  initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             try:
                 drawn = pool.map(_draw_one, jobs, chunksize=8)
-                boxes = _write_images(out, p["name"], drawn, boxed, progress, t0)
+                boxes, chests = _write_images(out, p["name"], drawn, boxed, progress, t0)
             except BaseException:
                 pool.shutdown(cancel_futures=True)     # Ctrl-C should not wait for every image
                 raise
     else:
-        boxes = _write_images(out, p["name"], map(_draw_one, jobs), boxed, progress, t0)
+        boxes, chests = _write_images(out, p["name"], map(_draw_one, jobs), boxed, progress, t0)
     noise_rng = np.random.default_rng([seed, n_images + 1])
     flips = (noise_rng.random(p["labels"].shape) < label_noise) & ~p["test"][:, None]
     observed = p["labels"] ^ flips.astype(np.uint8)
@@ -170,6 +214,7 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
                      (round(400.0 / size, 4),) * 2)      # a 40 cm film over size pixels
                for i, name in enumerate(p["name"])]
     write_bbox_list(os.path.join(out, "BBox_List_2017.csv"), boxes)
+    write_chest_masks(os.path.join(out, CHEST_MASKS), p["name"], chests)
     test = [n for n, t in zip(p["name"], p["test"]) if t]
     train_val = [n for n, t in zip(p["name"], p["test"]) if not t]
     # The release's lists end without a final newline; so do these.
@@ -220,7 +265,10 @@ def write_preview(path, root, names, boxes, n=8, tile=256):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minimal_amkp.phantom",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True, help="output folder")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="output folder")
+    what.add_argument("--stats", metavar="DIR",
+                      help="compare the boxes of the data set in DIR with the real release")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
@@ -229,6 +277,14 @@ def main(argv=None):
     ap.add_argument("--preview", action="store_true", help="also write DIR/preview.png")
     ap.add_argument("--workers", type=int, default=2, help="drawing processes (output is the same)")
     args = ap.parse_args(argv)
+    if args.stats:
+        try:
+            ds = read_dataset(args.stats)
+            stats = box_stats(ds, {name: frame(ds, name) for name in ds.boxes})
+        except (DataError, OSError) as e:
+            ap.error(str(e))
+        print(format_stats(stats))
+        return
     try:
         s = generate(args.out, args.n_images, args.size, args.seed, args.label_noise,
                      args.preview, progress=True, workers=args.workers)

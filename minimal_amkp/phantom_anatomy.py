@@ -66,9 +66,14 @@ class Chest:
         if emphysema:                      # hyperinflation: low, flattened domes
             self.peak += 0.1
             self.dome_k *= 0.3
-        ctr = rng.uniform(0.55, 0.68) if cardiomegaly else rng.uniform(0.38, 0.48)
         # An AP film (source in front, film behind) magnifies the heart.
-        self.heart_ellipse = self._heart_params(ctr * (1.08 if view == "AP" else 1.0))
+        magnify = 1.08 if view == "AP" else 1.0
+        # An enlarged heart is large all over before its ventricle bulges.
+        ctr = rng.uniform(0.5, 0.57) if cardiomegaly else rng.uniform(0.38, 0.48)
+        self.heart_ellipse = self._heart_params(ctr * magnify)
+        # Cardiomegaly grows the heart border, mostly the left ventricle: down and out to the
+        # patient's left, to a cardiothoracic ratio above 0.5 (facts file).
+        self.bulge = self._bulge_params(rng.uniform(0.55, 0.68) * magnify) if cardiomegaly else None
         self.extra = np.zeros((size, size), np.float32)  # findings' added density
         self.clear = np.zeros((size, size), np.float32)  # where lung markings vanish
 
@@ -160,19 +165,47 @@ class Chest:
         cx = half - ctr * chest_w * self.rng.uniform(0.3, 0.36)           # 2/3 lies left
         return cx, float(self.peak.mean()) + 0.08 - 0.8 * ratio * a, a, ratio * a, phi
 
-    def heart(self, x, y):
-        """Heart shadow in [0, 1]: the ellipse cut by the diaphragm domes."""
+    def _bulge_params(self, ctr):
+        """The enlarged left ventricle: an ellipse on the heart's lower left border whose outer
+        edge brings the widest heart width to ctr of the inner chest width."""
         cx, cy, a, b, phi = self.heart_ellipse
+        chest_w = 2 * self.apex_x + self.lat_w.sum()
+        left = cx + np.sqrt((a * np.cos(phi)) ** 2 + (b * np.sin(phi)) ** 2)   # normal border
+        grow = max(ctr * chest_w - 2 * (left - cx), 0.0)                     # added width
+        ab, bb = 0.45 * a + 0.5 * grow, 0.85 * b
+        return left + grow - ab, cy + 0.35 * b, ab, bb, phi
+
+    @staticmethod
+    def _ellipse(x, y, params):
+        cx, cy, a, b, phi = params
         dx, dy = x - np.float32(cx), y - np.float32(cy)
         u = (np.float32(np.cos(phi)) * dx + np.float32(np.sin(phi)) * dy) / np.float32(a)
         v = (np.float32(np.cos(phi)) * dy - np.float32(np.sin(phi)) * dx) / np.float32(b)
-        ellipse = smoothstep(1.0 - np.sqrt(u * u + v * v), 0.08)
-        return ellipse * smoothstep(self.dome(x) + 0.02 - y, 0.03)
+        return smoothstep(1.0 - np.sqrt(u * u + v * v), 0.08)
+
+    def heart(self, x, y, bulge=True):
+        """Heart shadow in [0, 1]: the ellipse (and an enlarged ventricle) cut by the domes
+        and kept inside the chest wall, which even a large heart does not pass."""
+        shape = self._ellipse(x, y, self.heart_ellipse)
+        if bulge and self.bulge is not None:
+            shape = np.maximum(shape, self._ellipse(x, y, self.bulge))
+        return shape * smoothstep(self.dome(x) + 0.02 - y, 0.03) * smoothstep(self.cavity(x, y) - 0.01, 0.02)
+
+    def cavity(self, x, y):
+        """The chest inside the ribs: both lungs, the mediastinum between them and the heart,
+        from the apices down to the domes (> 0 inside). What a localiser should point into."""
+        left, q = x >= 0, np.abs(x)
+        lat_w = _f32(*self.lat_w, left)
+        base = self.dome(self.apex_x + lat_w)
+        t = np.clip((y - self.apex_y) / (base - self.apex_y), 0.0, 1.0)
+        lateral = self.apex_x + lat_w * np.sqrt(1.0 - (1.0 - t) ** 3)
+        return np.minimum.reduce([lateral - q, self.dome(x) + 0.02 - y, y - self.apex_y + 0.02])
 
     def anatomy(self):
         """Attenuation (S, S) of body, lungs, heart, mediastinum, spine, ribs, clavicles and
-        the lung markings (returned apart: a pneumothorax erases them). Sets self.lung and
-        self.heart_shape, (S, S) in [0, 1]."""
+        the lung markings (returned apart: a pneumothorax erases them). Sets self.lung,
+        self.heart_shape, self.normal_heart (without cardiomegaly's growth), (S, S) in [0, 1],
+        and self.chest, the boolean (S, S) cavity."""
         rng = self.rng
         x, y = self.grid(self.coarse)                                      # (s, s) each
         q, left = np.abs(x), x >= 0
@@ -214,4 +247,7 @@ class Chest:
         lines = np.exp(-(n / (0.25 + 0.2 * r)) ** 2 - r / 0.33)
         marks = (0.2 * lines + 0.25 * np.exp(-((r / 0.08) ** 2))) * lung
         self.lung, self.heart_shape = self.up(lung), self.up(heart)
+        self.normal_heart = self.up(self.heart(x, y, bulge=False)) if self.bulge is not None \
+            else self.heart_shape
+        self.chest = self.up(smoothstep(self.cavity(x, y), 0.01)) > 0.5
         return self.up(a), self.up(marks * (0.5 if self.emphysema else 1.0))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from minimal_amkp import chestxray as cx
-from minimal_amkp import phantom, phantom_draw
+from minimal_amkp import phantom, phantom_anatomy, phantom_draw, phantom_stats
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
 N, SIZE, SEED = 24, 64, 2
@@ -46,8 +46,8 @@ def test_every_label_and_box_reads_back_equal(tiny):
         assert (name in ds.test) == plan["test"][i]
         if name not in ds.boxes:
             continue
-        _, drawn = phantom_draw.draw(np.random.default_rng([SEED, i + 1]), SIZE,
-                                     plan["labels"][i], plan["view"][i])
+        drawn = phantom_draw.draw(np.random.default_rng([SEED, i + 1]), SIZE,
+                                  plan["labels"][i], plan["view"][i]).boxes
         assert [(b.label, (b.x, b.y, b.w, b.h)) for b in ds.boxes[name]] == drawn, name
     assert summary["boxes"] == sum(len(v) for v in ds.boxes.values()) > 0
     assert summary["boxed_images"] == len(ds.boxes) >= 2
@@ -58,13 +58,24 @@ def test_boxed_images_are_test_images_with_every_positive_box_class_boxed(tiny):
     for name, entry in ds.entries.items():
         positive = set(np.flatnonzero(entry.labels[:len(BOX_CLASSES)]))
         boxed = {b.label for b in ds.boxes.get(name, [])}
-        if name in ds.test:
-            assert boxed == positive, (name, positive, boxed)
+        if name in ds.boxes:
+            assert name in ds.test and boxed == positive, (name, positive, boxed)
         else:
             assert not boxed, name
     for boxes in ds.boxes.values():
         for b in boxes:
             assert 0 <= b.x and 0 <= b.y and b.x + b.w <= SIZE and b.y + b.h <= SIZE
+
+
+def test_the_test_list_holds_boxed_and_unboxed_positives_of_the_box_classes():
+    p = phantom.plan(2000, 0)
+    positive = p["labels"][:, :len(BOX_CLASSES)].any(1)
+    assert not (p["boxed"] & ~p["test"]).any() and not (p["boxed"] & ~positive).any()
+    share = p["boxed"].sum() / (p["test"] & positive).sum()
+    assert abs(share - phantom.BOXED_SHARE) < 0.08, share
+    unboxed = p["test"] & positive & ~p["boxed"]
+    for c in range(len(BOX_CLASSES)):                    # every class can be scored on test images
+        assert p["labels"][unboxed, c].sum() >= 10, BOX_CLASSES[c]
 
 
 def test_files_look_like_the_release(tiny):
@@ -136,8 +147,8 @@ def test_interrupted_run_leaves_no_half_file_and_no_data_entry(tmp_path, monkeyp
     monkeypatch.setattr(phantom, "write_data_entry", broken)
     with pytest.raises(KeyboardInterrupt):
         phantom.generate(tmp_path / "b", n_images=6, size=32)
-    assert sorted(os.listdir(tmp_path / "b")) == ["BBox_List_2017.csv", "images", "test_list.txt",
-                                                  "train_val_list.txt"]
+    assert sorted(os.listdir(tmp_path / "b")) == ["BBox_List_2017.csv", "chest_masks.npz", "images",
+                                                  "test_list.txt", "train_val_list.txt"]
     with pytest.raises(cx.DataError, match="none of Data_Entry_2017_v2020.csv"):
         cx.read_dataset(tmp_path / "b")
 
@@ -149,7 +160,7 @@ def test_every_box_class_draws_tight_boxes_inside_the_image(size):
         for k in range(6):
             y = np.zeros(len(CLASSES), np.uint8)
             y[c] = 1
-            img, boxes = phantom_draw.draw(np.random.default_rng([3, c, k]), size, y, "PA")
+            img, boxes = phantom_draw.draw(np.random.default_rng([3, c, k]), size, y, "PA")[:2]
             assert img.dtype == np.uint8 and img.shape == (size, size)
             assert boxes and all(label == c for label, _ in boxes), (name, k)
             for _, (x0, y0, w, h) in boxes:
@@ -164,13 +175,15 @@ def test_every_box_class_draws_tight_boxes_inside_the_image(size):
 def test_lesions_change_the_picture_where_their_box_is():
     y = np.zeros(len(CLASSES), np.uint8)
     y[CLASSES.index("Nodule")] = 1
-    with_nodule, boxes = phantom_draw.draw(np.random.default_rng([5, 0]), 128, y, "PA")
-    without, none = phantom_draw.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")
-    assert none == []
-    diff = np.abs(with_nodule.astype(int) - without.astype(int))
-    for _, (x0, y0, w, h) in boxes:
-        inside = diff[int(y0):int(y0 + h), int(x0):int(x0 + w)]
-        assert inside.mean() > 5 * max(diff.mean(), 0.1)
+    drawn = phantom_draw.draw(np.random.default_rng([5, 0]), 128, y, "PA")
+    without, none, _, _ = phantom_draw.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")
+    assert none == [] and len(drawn.cores) == len(drawn.boxes) > 0
+    diff = np.abs(drawn.image.astype(int) - without.astype(int))
+    outside = np.ones_like(diff, bool)
+    for _, (x0, y0, w, h) in drawn.boxes:
+        outside[int(y0):int(y0 + h), int(x0):int(x0 + w)] = False
+    for core in drawn.cores:
+        assert diff[core].mean() > 3 * max(diff[outside].mean(), 0.1)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -204,3 +217,107 @@ def test_cli_writes_a_dataset_and_prints_a_summary(tmp_path, capsys):
     assert cap.out.startswith("phantom: 6 images of 32 px in ")
     assert "\rphantom: 6/6 images" in cap.err
     assert len(cx.read_dataset(tmp_path).entries) == 6 and (tmp_path / "preview.png").exists()
+
+
+def lesions_of(name, seed, size=128, count=None):
+    """A chest and the lesions one sign draws into it (count: force that many)."""
+    rng = np.random.default_rng(seed)
+    ch = phantom_anatomy.Chest(rng, size, "PA", cardiomegaly=name == "Cardiomegaly")
+    ch.anatomy()
+    if count is not None:
+        ch.count = lambda _: count
+    return ch, phantom_draw.SIGNS[name](ch)
+
+
+@pytest.mark.parametrize("name", BOX_CLASSES)
+def test_every_lesion_has_a_conspicuous_core_inside_a_fainter_extent(name):
+    """The box is the whole finding: the extent's box holds the core's box and reaches beyond it."""
+    beyond = 0
+    for k in range(6):
+        ch, lesions = lesions_of(name, [7, k])
+        for lesion in lesions:
+            core, whole = phantom_anatomy.box_of(lesion.core), phantom_anatomy.box_of(lesion.extent)
+            assert core is not None and whole is not None, (name, k)
+            assert whole[0] <= core[0] and whole[1] <= core[1], (name, k, core, whole)
+            assert core[0] + core[2] <= whole[0] + whole[2] and core[1] + core[3] <= whole[1] + whole[3]
+            beyond += whole[2] * whole[3] > 1.3 * core[2] * core[3]
+            if name not in ("Pneumothorax", "Cardiomegaly"):     # these add density where they are
+                fringe = lesion.extent & ~lesion.core
+                assert ch.extra[lesion.core].mean() > 1.3 * ch.extra[fringe].mean() > 0, (name, k)
+    assert beyond >= 5, f"{name}: the extent reaches beyond the core in only {beyond} lesions"
+
+
+@pytest.mark.parametrize("name", [c for c in BOX_CLASSES if c != "Cardiomegaly"])
+def test_later_lesions_of_a_class_are_less_conspicuous_than_the_first(name):
+    ratios = []
+    for k in range(12):
+        ch, lesions = lesions_of(name, [8, k], count=2)
+        if len(lesions) < 2:
+            continue
+        mass = [float(np.abs(ch.extra[lesion.extent]).sum()) for lesion in lesions]
+        ratios.append(mass[1] / mass[0])
+    assert len(ratios) >= 8 and np.median(ratios) < 0.8, (name, np.round(ratios, 2))
+
+
+def test_a_later_lesion_is_smaller_fainter_or_mostly_its_faint_form():
+    rng = np.random.default_rng(0)
+    assert phantom_draw.variant(rng, 0) == (1.0, 1.0, 1.0)
+    for _ in range(200):
+        size, strength, core = phantom_draw.variant(rng, 1)
+        assert max(size, strength, core) <= 1.0 and min(size, strength, core) <= 0.8
+
+
+def test_chest_masks_cover_the_cavity_and_read_back(tiny):
+    out = tiny[0]
+    masks = phantom.read_chest_masks(out)
+    ds = cx.read_dataset(out)
+    assert set(masks) == set(ds.entries)
+    side = phantom.CHEST_SIDE
+    for name, m in masks.items():
+        assert m.shape == (side, side) and m.dtype == bool
+        assert m[side // 2, side // 2] and not m[0, 0] and not m[-1, -1] and not m[0, -1], name
+        assert 0.25 < m.mean() < 0.7, (name, m.mean())
+    ch, lesions = lesions_of("Nodule", [9, 0])
+    assert all(ch.chest[lesion.core].all() for lesion in lesions)       # lung lesions lie in it
+    assert phantom.read_chest_masks(out / "images") is None             # real data: no masks
+
+
+def test_chest_mask_file_that_is_not_ours_is_refused(tmp_path):
+    (tmp_path / phantom.CHEST_MASKS).write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="not a chest mask file of this program"):
+        phantom.read_chest_masks(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def stats_phantom(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats")
+    phantom.generate(out, n_images=3000, size=96, seed=0)
+    return out
+
+
+def test_box_sizes_and_places_match_the_real_release(stats_phantom):
+    from minimal_amkp.harvest import frame
+    ds = cx.read_dataset(stats_phantom)
+    stats = phantom_stats.box_stats(ds, {n: frame(ds, n) for n in ds.boxes})
+    for c, s in stats.items():
+        assert s["n"] >= 25, (c, s["n"])
+        assert 1 / 1.25 <= s["side_ratio"] <= 1.25, (c, s)
+        assert abs(s["prior_gap"]) <= 0.15, (c, s)
+
+
+def test_stats_command_prints_the_comparison(stats_phantom, capsys):
+    phantom.main(["--stats", str(stats_phantom)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("class") and len(out) == 2 + len(BOX_CLASSES) + 1
+    assert out[-1].endswith("met by every class")
+    with pytest.raises(SystemExit):
+        phantom.main(["--stats", str(stats_phantom / "nowhere")])
+    assert "dataset folder not found" in capsys.readouterr().err
+
+
+def test_leave_one_out_prior_by_hand():
+    rel = np.array([[0.1, 0.1, 0.2, 0.2], [0.1, 0.1, 0.2, 0.2], [0.7, 0.7, 0.2, 0.2]])
+    # Box 0 against the mean of boxes 1, 2: (0.4, 0.4, 0.2, 0.2), no overlap; box 2 likewise.
+    np.testing.assert_allclose(phantom_stats.leave_one_out_prior_acc(rel, (0.1,)), [0.0])
+    np.testing.assert_allclose(phantom_stats.leave_one_out_prior_acc(rel[:2], (0.1, 0.9)), [1.0, 1.0])
+    assert np.isnan(phantom_stats.leave_one_out_prior_acc(rel[:1])).all()
