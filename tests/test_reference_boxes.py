@@ -183,7 +183,52 @@ def test_one_row_map():
     (dict(h=np.eye(3), k=2.5), r"k: need an integer >= 1, got 2.5"),
     (dict(h=np.eye(3), thresholds=()), r"thresholds: need a non-empty sequence of levels in \[0, 1\]"),
     (dict(h=np.eye(3), thresholds=(0.5, 1.5)), r"thresholds: .*got \(0.5, 1.5\)"),
+    (dict(h=np.eye(3), min_size=(0.5, 2)), r"min_size: need \(min_w, min_h\) >= 1 pixel, got \(0.5, 2\)"),
 ])
 def test_boxes_from_heatmap_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         R.boxes_from_heatmap(**kwargs)
+
+
+def two_blobs():
+    """The issue's map: blurred blobs of 1.0 (rows, cols 10-19) and 0.6 (rows 40-49, cols 30-44)."""
+    from scipy import ndimage
+    h = np.zeros((64, 64))
+    h[10:20, 10:20], h[40:50, 30:45] = 1.0, 0.6
+    return ndimage.gaussian_filter(h, 2.0), np.array([[10, 10, 10, 10], [30, 40, 15, 10]], float)
+
+
+def test_two_separated_regions_each_get_a_box_of_their_own():
+    h, blobs = two_blobs()
+    out = R.boxes_from_heatmap(h)
+    overlap = R.iou(out[:, None, :4], blobs[None])                       # (k, 2)
+    assert overlap.max(axis=0).min() >= 0.3, f"a blob without a box of IoU >= 0.3: {overlap.round(2)}"
+    assert overlap[0, 0] == overlap[:, 0].max(), "rank 1 is not the best box of the strong blob"
+    # By score alone (one region allowed) the weaker blob is left only a sliver, if anything.
+    alone = R.boxes_from_heatmap(h, region_level=1.01)
+    assert R.iou(alone[:, None, :4], blobs[None])[:, 1].max() < 0.3
+
+
+@SETTINGS
+@given(bumps())
+def test_a_single_region_keeps_its_nested_alternatives(bump):
+    h, _ = bump
+    out = R.boxes_from_heatmap(h)
+    if len(out) < 2:
+        return
+    x, y, w, hh = out[:, :4].T
+    widest = np.argmax(w * hh)
+    inside = (x >= x[widest]) & (y >= y[widest]) & (x + w <= x[widest] + w[widest]) & \
+        (y + hh <= y[widest] + hh[widest])
+    assert_all(inside, f"boxes nested in the widest of a single bump {out[:, :4].tolist()}")
+
+
+@pytest.mark.parametrize("h, min_size, expected", [
+    (np.eye(1, 9, 4).repeat(5, 0), (3, 1), [[3, 0, 3, 5]]),      # a 1-px column widened to 3
+    (np.eye(1, 9, 0).repeat(5, 0), (3, 2), [[0, 0, 3, 5]]),      # ... kept inside at the edge
+    (np.eye(1, 9, 4).repeat(5, 0), (12, 9), [[0, 0, 9, 5]]),     # ... never beyond the map
+])
+def test_boxes_are_widened_to_min_size_about_their_centre(h, min_size, expected):
+    out = R.boxes_from_heatmap(h, min_size=min_size)
+    np.testing.assert_allclose(out[:, :4], expected)
+    assert out[0, 4] == 1.0                                      # the component's own mean

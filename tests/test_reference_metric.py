@@ -220,3 +220,31 @@ def test_auroc_by_hand_and_bad_input():
         R.auroc(np.eye(2), np.eye(2))
     with pytest.raises(ValueError, match=r"scores: need at least one score"):
         R.auroc([], [])
+
+
+def test_best_overlap_takes_every_box_of_the_image():
+    got = R.best_overlap(PRED, GT)
+    np.testing.assert_allclose(got["a.png"], [1.0])
+    np.testing.assert_allclose(got["b.png"], [1.0, 1.0])           # ranks 3 and 2 count too
+    np.testing.assert_allclose(got["c.png"], [0.0])
+    assert R.best_overlap({}, GT)["b.png"].tolist() == [0.0, 0.0]   # no boxes, nothing covered
+    iobb = R.best_overlap({"a.png": [[2, 2, 4, 4, 1.0]]}, {"a.png": [[0, 0, 10, 10]]}, "iobb")
+    np.testing.assert_allclose(iobb["a.png"], [1.0])
+
+
+@SETTINGS
+@given(st.integers(0, 2**32 - 1))
+def test_best_overlap_is_the_max_of_the_pairwise_overlaps(seed):
+    rng = np.random.default_rng(seed)
+    g = np.column_stack([rng.uniform(0, 50, (3, 2)), rng.uniform(1, 30, (3, 2))])
+    p = np.column_stack([rng.uniform(0, 50, (4, 2)), rng.uniform(1, 30, (4, 2)), rng.random(4)])
+    got = R.best_overlap({"x": p}, {"x": g})["x"]
+    want = [max(float(R.iou(p[k, :4], g[j])) for k in range(4)) for j in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_best_overlap_rejects_bad_input():
+    with pytest.raises(ValueError, match="overlap: expected 'iou' or 'iobb'"):
+        R.best_overlap(PRED, GT, "dice")
+    with pytest.raises(ValueError, match=r"pred\['a.png'\]: expected \(k, 5\)"):
+        R.best_overlap({"a.png": [[0, 0, 1, 1]]}, GT)

@@ -19,6 +19,9 @@ DEFAULT_BOX_THRESHOLDS = (0.2, 0.4, 0.6)
 # Two candidates at least this similar are one detection (typically a sharp blob boxed the
 # same at two levels); keeping both would spend a slot of B, and AFP budget, on a repeat.
 DUPLICATE_IOU = 0.9
+# A lowest-level component whose normalised peak reaches this is a region of its own: the
+# mask update's binarisation threshold (Sec. 3.2), so a region is what mining would erase.
+REGION_LEVEL = 0.5
 
 
 def check_boxes(name, a):
@@ -86,18 +89,47 @@ def component_boxes(on):
                      for r, c in rows_cols], dtype=np.int64).reshape(-1, 4)  # (n, 4)
 
 
-def boxes_from_heatmap(h, thresholds=DEFAULT_BOX_THRESHOLDS, k=3, duplicate_iou=DUPLICATE_IOU):
+def _regions(h_hat, level):
+    """The 8-connected components of (h_hat >= level): labels (H, W) and each one's peak."""
+    labels, n = ndimage.label(h_hat >= level, structure=EIGHT_CONNECTED)
+    peaks = np.asarray(ndimage.maximum(h_hat, labels, np.arange(1, n + 1)), dtype=np.float64)
+    return labels, peaks.reshape(n)
+
+
+def _widen(box, min_w, min_h, width, height):
+    """Grow a box (x, y, w, h) about its centre to at least min_w × min_h, kept in the frame."""
+    x, y, w, h = (float(v) for v in box)
+    w2, h2 = min(max(w, min_w), width), min(max(h, min_h), height)
+    x2 = float(np.clip(x + (w - w2) / 2, 0, width - w2))
+    y2 = float(np.clip(y + (h - h2) / 2, 0, height - h2))
+    return x2, y2, w2, h2
+
+
+def boxes_from_heatmap(h, thresholds=DEFAULT_BOX_THRESHOLDS, k=3, duplicate_iou=DUPLICATE_IOU,
+                       region_level=REGION_LEVEL, min_size=(1, 1)):
     """Sec. 3.2, Bbox generation: up to k boxes from H_f by varying the intensity threshold,
     ranked by the mean H_f intensity inside each box, highest first.
 
-    Rule: min-max normalise H_f to [0, 1]; at every level in `thresholds` box each
-    8-connected component of (normalised H_f >= level); score each candidate box by the mean
-    of the UNNORMALISED H_f inside it (within one map the order is the same either way, and
-    raw CAM values keep scores comparable across images, which the B list of the metric
-    sorts by); walk the candidates by score (ties: smaller area, then top, then left) and
-    drop any with IoU >= duplicate_iou against one already kept; stop at k.
-    Fewer than k boxes come back when the map has fewer distinct candidates (the paper's
-    Fig. 2(a)); a constant map, all-zero included, has no peak to threshold and gives none.
+    Candidates: min-max normalise H_f to ĥ in [0, 1]; at every level in `thresholds` box each
+    8-connected component of (ĥ >= level); score each candidate by the mean of the
+    UNNORMALISED H_f inside its box (within one map the order is the same either way, and raw
+    CAM values keep scores comparable across images, which the B list of the metric sorts by).
+    Candidates are walked by score (ties: smaller area, then top, then left); one with IoU >=
+    duplicate_iou against a box already kept is a repeat and is skipped.
+    Choice of the k (our reading of Sec. 3.2, where the paper only says the thresholds vary):
+      1. the best-scoring candidate;
+      2. then every other REGION, a component of ĥ at the lowest level whose peak reaches
+         `region_level` (what the mask update would binarise as a blob) and that holds no kept
+         box yet, in the order of its peak: its box at the lowest level, the whole region;
+      3. then the remaining candidates by score.
+    So two separated regions each get a box of their own (AM's later rounds light up second
+    lesions, and by score alone the nested boxes of the first would take every slot), while a
+    map with one region keeps its nested alternatives (large findings need the wide ones).
+    The k' kept are returned by score. Fewer than k come back when the map has fewer distinct
+    candidates (the paper's Fig. 2(a)); a constant map, all-zero included, has no peak to
+    threshold and gives none. Last, a box narrower or lower than min_size = (min_w, min_h)
+    pixels (a heatmap cell, when h was upsampled) is widened about its centre to it, within
+    the map; its score stays that of the component's own box.
     h (H, W) -> float64 (k', 5) rows (x, y, w, h, score) in h's pixel frame, k' <= k.
     """
     h = checks.array("h", h, ndim=2)                                      # (H, W)
@@ -109,17 +141,36 @@ def boxes_from_heatmap(h, thresholds=DEFAULT_BOX_THRESHOLDS, k=3, duplicate_iou=
                          f"got {thresholds!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k: need an integer >= 1, got {k!r}")
+    min_w, min_h = (float(v) for v in min_size)
+    if not (1 <= min_w and 1 <= min_h):
+        raise ValueError(f"min_size: need (min_w, min_h) >= 1 pixel, got {min_size!r}")
     h_hat = minmax(h)
     if h_hat is None:
         return np.zeros((0, 5))
-    cand = np.concatenate([component_boxes(h_hat >= t) for t in levels])  # (n, 4)
+    low = levels.min()
+    regions, peaks = _regions(h_hat, low)                                 # (H, W), (r,)
+    cand, region, whole = [], [], None
+    for t in levels:
+        labels, n = ndimage.label(h_hat >= t, structure=EIGHT_CONNECTED)
+        if t == low and whole is None:           # the same labelling as `regions`: region j + 1
+            whole = len(region) + np.arange(n)
+        cand.append(component_boxes(h_hat >= t))
+        # A component at a higher level lies inside one lowest-level component: its region.
+        region += [regions[p] for p in ndimage.maximum_position(h_hat, labels, np.arange(1, n + 1))]
+    cand, region = np.concatenate(cand), np.array(region, dtype=int)      # (n, 4), (n,)
     score = np.array([h[y:y + bh, x:x + bw].mean() for x, y, bw, bh in cand])  # (n,)
     order = np.lexsort((cand[:, 0], cand[:, 1], cand[:, 2] * cand[:, 3], -score))
     kept = []
+
+    def take(i):
+        if len(kept) < k and not (kept and iou(cand[i], cand[kept]).max() >= duplicate_iou):
+            kept.append(i)
+    take(order[0])
+    for r in np.argsort(-peaks, kind="stable") + 1:
+        if peaks[r - 1] >= region_level and r not in region[kept]:
+            take(whole[r - 1])
     for i in order:
-        if kept and iou(cand[i], cand[kept]).max() >= duplicate_iou:
-            continue
-        kept.append(i)
-        if len(kept) == k:
-            break
-    return np.column_stack([cand[kept], score[kept]]).astype(np.float64)  # (k', 5)
+        take(i)
+    kept = sorted(kept, key=list(order).index)
+    boxes = [_widen(cand[i], min_w, min_h, h.shape[1], h.shape[0]) for i in kept]
+    return np.column_stack([np.array(boxes).reshape(-1, 4), score[kept]]).astype(np.float64)

@@ -217,3 +217,21 @@ def auroc(scores, labels):
         return float("nan")
     ranks = stats.rankdata(s)                                             # ties: average rank
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def best_overlap(pred, gt, overlap="iou"):
+    """Per ground-truth box, the largest overlap with any box predicted for its image.
+
+    The lesion-level view that the Acc-AFP protocol cannot give: every box of every image
+    counts (no B list, no AFP bound), so a second lesion, or the rest of a large one, shows
+    as soon as some box reaches it. Recall at t is the share of these values >= t; their mean
+    is how much of each finding the best box covers. An image without predicted boxes scores 0.
+    pred {image: (k, 5)}, gt {image: (g, 4)} -> {image: (g,) floats in [0, 1]}.
+    """
+    measure = _overlap_fn(overlap)
+    gt, pred = _check_gt(gt), _check_pred(pred)
+    out = {}
+    for image, g in gt.items():
+        p = pred.get(image, np.zeros((0, 5)))[:, :4]                     # (k, 4)
+        out[image] = measure(p[:, None], g[None]).max(axis=0) if len(p) and len(g) else np.zeros(len(g))
+    return out
