@@ -1,12 +1,15 @@
 """ResNet-50 and ResNet-MSA (Sec. 2.3) with C class branches (eq. 2), without torchvision.
 
 Module names copy torchvision's resnet50 (conv1, bn1, layer1.0.downsample.1, ...), so its
-ImageNet state dict loads with `load_init`. ResNet-MSA reduces layer4 (1/32 of the input) to
-512 channels with a 1×1 conv and upsamples it ×2 (bilinear or a 3×3 stride-2 transposed conv),
-reduces layer3 (1/16) to 256 and concatenates: X (N, 768, S/16, S/16). `msa="none"` is the
-plain ResNet with X = layer4. The branches are one (C, D) weight w and a (C,) bias b applied
-to the GAP of the class-erased X through `ops.branch_logits`. Two options of ours, off in the
-`paper` preset and on in `tiny` (from-scratch training): w >= 0 and replicate conv padding.
+ImageNet state dict loads with `load_init`. ResNet-MSA takes the outputs of the last two stages
+("bottlenecks" in the paper): X_k, the last (1/32 of the input for ResNet-50's four stages), is
+reduced to 512 channels with a 1×1 conv and upsampled ×2 (bilinear or a 3×3 stride-2
+transposed conv); X_{k-1}, the penultimate (1/16), is reduced to 256; X = [X̄_k, X̄_{k-1}]
+(N, 768, S/16, S/16). `msa="none"` is the plain ResNet with X = X_k. The branches are one
+(C, D) weight w and a (C,) bias b applied to the GAP of the class-erased X through
+`ops.branch_logits`. Options of ours for from-scratch training on a CPU, off in the `paper`
+preset: fewer stages (len(model.blocks) = 3 puts MSA on layer2 and layer3, so X is at 1/8 of
+the input at a quarter of the cost), w >= 0 and replicate conv padding.
 """
 import math
 from collections import namedtuple
@@ -19,7 +22,8 @@ from minimal_amkp import ops
 from minimal_amkp.classes import CLASSES
 from minimal_amkp.config import RunError
 
-Outputs = namedtuple("Outputs", "layer3 layer4 x logits")   # the K layers of eq. (5), x = X
+# The K layers of eq. (5): X_{k-1} and X_k of the last two stages, X and the logits.
+Outputs = namedtuple("Outputs", "penultimate last x logits")
 
 _MEAN = (0.485, 0.456, 0.406)                                 # ImageNet statistics, for --init
 _STD = (0.229, 0.224, 0.225)
@@ -55,7 +59,7 @@ def _conv_bn_relu(cin, cout):
 
 
 class MSA(nn.Module):
-    """Sec. 2.3: X = [up×2(conv1×1(layer4)), conv1×1(layer3)].
+    """Sec. 2.3: X = [up×2(conv1×1(X_k)), conv1×1(X_{k-1})], the last two stages' outputs.
 
     BN + ReLU after each conv is our choice (the paper is silent): it keeps X non-negative, so
     that erasing (zeroing) a region removes evidence rather than adding some.
@@ -74,7 +78,7 @@ class MSA(nn.Module):
         h, w = x3.shape[-2:]
         a = self.reduce4(x4)
         if self.upsample == "deconv":
-            a = self.deconv(a)[..., :h, :w]            # odd layer3 sizes: 2·ceil(h/2) may exceed h
+            a = self.deconv(a)[..., :h, :w]            # odd X_{k-1} sizes: 2·ceil(h/2) may exceed h
         else:
             a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
         return torch.cat([a, self.reduce3(x3)], dim=1)
@@ -98,13 +102,14 @@ class ResNetMSA(nn.Module):
                       for j in range(n)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             inplanes = planes * 4
-        c3, c4 = w * 4 * 4, w * 8 * 4
+        self.stages = [getattr(self, f"layer{i + 1}") for i in range(len(cfg.blocks))]
+        c_prev, c_last = inplanes // 2, inplanes              # channels of X_{k-1} and X_k
         if cfg.msa == "none":
-            self.msa, dim = None, c4
+            self.msa, dim = None, c_last
         else:
-            self.msa = MSA(c3, c4, cfg.msa_channels[0], cfg.msa_channels[1], cfg.msa)
+            self.msa = MSA(c_prev, c_last, cfg.msa_channels[0], cfg.msa_channels[1], cfg.msa)
             dim = sum(cfg.msa_channels)
-            self.base_fc = nn.Linear(c4, num_classes)   # plain ResNet head, trained before MSA exists
+            self.base_fc = nn.Linear(c_last, num_classes)   # plain ResNet head, trained before MSA exists
         self.fc = nn.Linear(dim, num_classes)           # the C branches: w (C, D), b (C,) of eq. (2)
         self.nonneg_w = cfg.nonneg_w
         self._init_weights()
@@ -146,18 +151,20 @@ class ResNetMSA(nn.Module):
 
     def below_msa(self):
         """The modules Sec. 3.1 freezes while MSA is initialised."""
-        return [self.conv1, self.bn1, self.layer1, self.layer2, self.layer3, self.layer4]
+        return [self.conv1, self.bn1, *self.stages]
 
     def backbone(self, image):
-        """image (N, 1, S, S) in [0, 1] -> layer3 (N, 16w, S/16, S/16), layer4 (N, 32w, S/32, S/32)."""
+        """image (N, 1, S, S) in [0, 1] -> X_{k-1}, X_k: for four stages layer3 (N, 16w, S/16,
+        S/16) and layer4 (N, 32w, S/32, S/32), for three layer2 and layer3 at 1/8 and 1/16."""
         x = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x3 = self.layer3(self.layer2(self.layer1(x)))
-        return x3, self.layer4(x3)
+        for stage in self.stages[:-1]:
+            x = stage(x)
+        return x, self.stages[-1](x)
 
     def forward(self, image, m=None):
         """image (N, 1, S, S), masks m (N, C, h, w) or None (all ones) -> Outputs."""
-        x3, x4 = self.backbone(image)
+        x3, x4 = self.backbone(image)                                     # X_{k-1}, X_k
         x = x4 if self.msa is None else self.msa(x3, x4)                  # (N, D, h, w)
         if m is not None and (m.shape[:2] != (x.shape[0], self.fc.out_features) or m.shape[2:] != x.shape[2:]):
             raise ValueError(f"m must be (N, C, h, w) = ({x.shape[0]}, {self.fc.out_features}, "
@@ -166,7 +173,7 @@ class ResNetMSA(nn.Module):
         return Outputs(x3, x4, x, logits)
 
     def base_logits(self, image):
-        """Logits of the plain ResNet-50 (GAP of layer4), the network Sec. 3.1 trains first."""
+        """Logits of the plain ResNet (GAP of X_k), the network Sec. 3.1 trains first."""
         if self.msa is None:
             return self(image).logits
         return self.base_fc(self.backbone(image)[1].mean((-2, -1)))
@@ -178,10 +185,11 @@ class ResNetMSA(nn.Module):
         return ops.cam(x, m, self.fc.weight[:classes])
 
 
-def map_size(image_size, msa):
-    """Side h of X for an S×S input: S/16 with MSA, S/32 without (each stride-2 stage rounds up)."""
+def map_size(image_size, msa, stages=4):
+    """Side h of X for an S×S input: the stem halves twice, every stage after the first once
+    more (each rounding up); X is X_{k-1} with MSA, X_k without: S/16 and S/32 for 4 stages."""
     h = image_size
-    for _ in range(4 if msa != "none" else 5):
+    for _ in range(stages + (msa == "none")):
         h = (h - 1) // 2 + 1
     return h
 

@@ -1,7 +1,7 @@
 """Multi-label classification training before attention mining (Sec. 3.1), and what all stages share.
 
 Phases, each with SGD + momentum (paper) or AdamW over a cosine schedule with a short warm-up,
-and optional random shifts of the images (never during mining, where masks must stay put):
+and optional random shifts and zooms of the images (never during mining, where masks must stay put):
     base        ResNet-50 alone: GAP of layer4 -> 14 logits, loss (2)-(3) with all-ones masks
     msa_frozen  MSA initialisation: layers below MSA fixed (weights and batch-norm statistics),
                 MSA and the branches trained
@@ -86,22 +86,34 @@ def chunks(perm, size):
     return [perm[i:i + size] for i in range(0, len(perm) - size + 1, size)]
 
 
-def shift(images, rng, fraction, whole=None):
-    """Translate each image by up to fraction·S pixels each way, edges replicated: a cue to
-    look at the lesion rather than at where it sits in the frame (before mining only).
+def shift(images, rng, fraction, whole=None, zoom=0.0):
+    """Translate each image by up to fraction·S pixels each way, edges replicated, and with
+    zoom > 0 also rescale it about its centre by a factor in [1 − zoom, 1 + zoom]: cues to
+    look at the lesion rather than at where it sits in the frame or how much of the frame a
+    region fills (before mining only).
 
     With `whole`, `images` are this process's part of a minibatch of `whole` images: the
-    offsets are drawn for all of them, so the draws do not depend on the number of processes.
+    draws are made for all of them, so they do not depend on the number of processes.
     """
     s = int(round(fraction * images.shape[-1]))
-    if s == 0:
+    if s == 0 and zoom == 0:
         return images
-    padded = F.pad(images, (s, s, s, s), mode="replicate")
-    dy, dx = rng.integers(0, 2 * s + 1, size=(2, whole or len(images)))
+    n = whole or len(images)
+    dy, dx = rng.integers(0, 2 * s + 1, size=(2, n)) - s
+    scale = rng.uniform(1 - zoom, 1 + zoom, n) if zoom > 0 else np.ones(n)
     if whole is not None:
-        dy, dx = distributed.part(dy), distributed.part(dx)
-    size = images.shape[-1]
-    return torch.stack([p[:, y:y + size, x:x + size] for p, y, x in zip(padded, dy, dx)])
+        dy, dx, scale = distributed.part(dy), distributed.part(dx), distributed.part(scale)
+    if zoom == 0:                # whole-pixel shifts: a crop of the replicate-padded image, exact
+        padded = F.pad(images, (s, s, s, s), mode="replicate")
+        size = images.shape[-1]
+        return torch.stack([p[:, s - y:s - y + size, s - x:s - x + size] for p, y, x in zip(padded, dy, dx)])
+    # Output pixel u samples input (u − c)/scale + c − d, in grid_sample's [-1, 1] frame.
+    theta = torch.zeros(len(images), 2, 3, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.as_tensor(1 / scale, dtype=images.dtype)
+    theta[:, 0, 2] = torch.as_tensor(-2 * dx / images.shape[-1], dtype=images.dtype)
+    theta[:, 1, 2] = torch.as_tensor(-2 * dy / images.shape[-2], dtype=images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def lr_at(lr, step, total):
@@ -141,12 +153,13 @@ def optimizer(params, lr, cfg):
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def run_epoch(model, opt, batches, loss_fn, lr, step0, total, label):
-    """One pass over `batches` (each (n_images, payload)): loss_fn(payload) -> loss; returns mean loss."""
+def run_epoch(model, opt, batches, loss_fn, lr_of, label):
+    """One pass over `batches` (each (n_images, payload)) at rate lr_of(step in the epoch):
+    loss_fn(payload) -> loss; returns the mean loss."""
     progress, losses = Progress(label, len(batches)), []
     for i, (n_images, payload) in enumerate(batches):
         for group in opt.param_groups:
-            group["lr"] = lr_at(lr, step0 + i, total)
+            group["lr"] = lr_of(i)
         loss = loss_fn(payload)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -173,13 +186,13 @@ def classification_epoch(model, opt, phase, images, cfg, seed, epoch, device):
     def loss_fn(idx):
         local = distributed.part(idx)                      # this process's slice of the minibatch
         x, y = images.batch(local)
-        x, y = to_device(shift(x, rng, cfg.train.shift, len(idx)), device), y.to(device)
+        x, y = to_device(shift(x, rng, cfg.train.shift, len(idx), cfg.train.zoom), device), y.to(device)
         with autocast(device):
             logits = net(x) if phase == "base" else net(x).logits
         return distributed.share(len(local), len(idx)) * ops.classification_loss(logits, y)
 
-    return run_epoch(model, opt, [(len(b), b) for b in batches], loss_fn, cfg.train.lr,
-                     epoch * len(batches), epochs * len(batches),
+    return run_epoch(model, opt, [(len(b), b) for b in batches], loss_fn,
+                     lambda i: lr_at(cfg.train.lr, epoch * len(batches) + i, epochs * len(batches)),
                      f"{phase} epoch {epoch + 1}/{epochs}")
 
 

@@ -64,12 +64,24 @@ def test_msa_output_shapes(msa, size, channels, side):
     torch.manual_seed(0)
     model = ResNetMSA(ModelConfig(msa=msa, **TINY)).eval()
     out = model(torch.rand(2, 1, size, size))
-    assert tuple(out.layer3.shape) == (2, 64, -(-size // 16), -(-size // 16))
-    assert tuple(out.layer4.shape) == (2, 128, -(-size // 32), -(-size // 32))
+    assert tuple(out.penultimate.shape) == (2, 64, -(-size // 16), -(-size // 16))
+    assert tuple(out.last.shape) == (2, 128, -(-size // 32), -(-size // 32))
     assert tuple(out.x.shape) == (2, channels, side, side)
     assert tuple(out.logits.shape) == (2, 14)
     assert map_size(size, msa) == side
     assert tuple(model.base_logits(torch.rand(2, 1, size, size)).shape) == (2, 14)
+
+
+@pytest.mark.parametrize("msa, side", [("bilinear", 16), ("none", 8)])
+def test_three_stages_put_msa_on_layer2_and_layer3(msa, side):
+    torch.manual_seed(0)
+    model = ResNetMSA(ModelConfig(msa=msa, width=4, blocks=(1, 1, 1), msa_channels=(16, 8))).eval()
+    assert not hasattr(model, "layer4") and model.stages[-1] is model.layer3
+    out = model(torch.rand(2, 1, 128, 128))
+    assert tuple(out.penultimate.shape) == (2, 32, 16, 16) and tuple(out.last.shape) == (2, 64, 8, 8)
+    assert tuple(out.x.shape) == (2, 24 if msa != "none" else 64, side, side)
+    assert map_size(128, msa, stages=3) == side
+    assert model.below_msa()[-1] is model.layer3
 
 
 def test_branches_are_eq2_and_cam_is_eq7_on_x():
