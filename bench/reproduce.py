@@ -48,7 +48,7 @@ from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError, from_dict, to_dict
 from minimal_amkp.harvest import by_class, check_mining, frame, fused, harvest
 from minimal_amkp.reference.boxes import minmax
-from minimal_amkp.model import ResNetMSA, map_size
+from minimal_amkp.model import ResNetMSA
 from minimal_amkp.progress import clock
 from minimal_amkp.report import ground_truth
 
@@ -144,7 +144,7 @@ def fork(source, argv):
     cfg = cli.parse(argv)[0]
     out = cfg.run.out
     state = checkpoint.load(source)
-    if state is None or state["model_a"] is None:
+    if state is None or state["mining"] is None:
         raise RunError(f"{source}: holds no network trained up to mining to fork {out} from")
     trained, wanted = cli._json(state["config"]), cli._json(to_dict(cfg))
     diff = [f"{s}.{k}: {trained[s].get(k)!r} there, {v!r} here" for s in ("model", "data", "train")
@@ -154,15 +154,13 @@ def fork(source, argv):
         raise RunError(f"{source}: its network was trained with other settings ({'; '.join(diff[:3])}); "
                        f"cannot fork {out} from it")
     model = ResNetMSA(cfg.model)
-    checkpoint.restore_model(model, state["model_a"], checkpoint.path(source))
-    h = map_size(cfg.data.image_size, cfg.model.msa)
-    masks = [torch.ones(state["masks"][0].shape[0], len(BOX_CLASSES), h, h, dtype=torch.uint8)]
-    phase = [name for name, _ in cli.plan(cfg)].index("round1")
+    checkpoint.restore_model(model, state["mining"]["model_a"], checkpoint.path(source))
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     torch.manual_seed(cfg.run.seed)
-    checkpoint.save(out, config=to_dict(cfg), phase=phase, epoch=0, model=model, opt=None,
-                    model_a=None, masks=masks, cams=[])
+    # Classification done, mining not started: the fork mines from N_A as its own classifier.
+    checkpoint.save(out, config=to_dict(cfg), phase=len(cli.plan(cfg)), epoch=0, model=model, opt=None,
+                    mining=None)
     # config.json last: a folder holding it holds a whole fork, so --resume may continue it.
     atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
 

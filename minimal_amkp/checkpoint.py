@@ -1,8 +1,9 @@
 """The run's one checkpoint, rewritten atomically after every epoch and every AM round.
 
-It holds where the run stands (phase index, epochs done in it), the model N_B, the
-optimizer of the current phase, N_A once mining has started, the masks M_0..M_{t-1} and
-CAMs H_1..H_t so far, and the torch RNG state. Loading uses weights_only=True: only tensors,
+It holds where the run stands (phase index, epochs done in it; index len(cli.plan) is attention
+mining), the model N_B, the optimizer of the current classification phase, once mining has
+started the state `mine.attention_mining` hands its `save` (N_A, its optimizer, the masks
+M_0..M_{t-1}, CAMs H_1..H_t and round records so far), and the torch RNG state. Loading uses weights_only=True: only tensors,
 numbers, strings and containers of them.
 """
 import os
@@ -13,18 +14,17 @@ from minimal_amkp.atomic import atomic_open
 from minimal_amkp.config import RunError
 
 NAME = "checkpoint.pt"
-VERSION = 1
+VERSION = 2
 
 
 def path(out):
     return os.path.join(out, NAME)
 
 
-def save(out, *, config, phase, epoch, model, opt, model_a, masks, cams):
+def save(out, *, config, phase, epoch, model, opt, mining):
     state = dict(version=VERSION, config=config, phase=phase, epoch=epoch,
                  model=model.state_dict(), optimizer=opt.state_dict() if opt is not None else None,
-                 model_a=model_a.state_dict() if model_a is not None else None,
-                 masks=list(masks), cams=list(cams), rng=torch.get_rng_state())
+                 mining=mining, rng=torch.get_rng_state())
     with atomic_open(path(out), "wb") as f:
         torch.save(state, f)
 

@@ -26,11 +26,11 @@ from minimal_amkp.atomic import atomic_open, atomic_write_text
 from minimal_amkp.chestxray import DataError, check_images, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError, fields, from_dict, parse_value, preset, to_dict, validate
-from minimal_amkp.mine import compute_cams, frozen_copy, mine_epoch, next_masks
+from minimal_amkp.mine import attention_mining
 from minimal_amkp.model import ResNetMSA, load_init, map_size
 from minimal_amkp.progress import clock, say
 from minimal_amkp.report import write_report
-from minimal_amkp.train import Images, classification_epoch, pick_device, predict, set_phase, optimizer
+from minimal_amkp.train import Images, classification_epoch, optimizer, pick_device, predict, set_phase
 
 IGNORED_ON_RESUME = ("run.device", "run.out", "run.report_extras")   # may change between the halves of one run
 
@@ -173,11 +173,12 @@ def load_data(cfg):
 
 
 def plan(cfg):
-    """[(phase, epochs)]: the checkpoint says how far along this list a run got."""
+    """[(phase, epochs)]: the classification phases before mining (Sec. 3.1). A checkpoint says
+    how far along this list a run got; index len(plan) is attention mining."""
     phases = [("base", cfg.train.base_epochs)]
     if cfg.model.msa != "none":
         phases += [("msa_frozen", cfg.train.msa_frozen_epochs), ("msa", cfg.train.msa_epochs)]
-    return phases + [(f"round{t}", cfg.mine.epochs) for t in range(1, cfg.mine.rounds + 1)]
+    return phases
 
 
 def _save_npz(path, **arrays):
@@ -195,69 +196,60 @@ def run_job(cfg, data, resume):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)      # inputs follow in train.to_device
-    h = map_size(cfg.data.image_size, cfg.model.msa)
+    h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
     state = distributed.on_main(checkpoint.load, out) if resume else None
     if state is None and cfg.run.init:
         load_init(model, cfg.run.init)
     distributed.on_main(atomic_write_text, os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
-    model_a, masks, cams, done = None, [torch.ones(len(mining_names), len(BOX_CLASSES), h, h, dtype=torch.uint8)], [], (0, 0)
+    phases, done = plan(cfg), (0, 0)
     if state is not None:
         checkpoint.restore_model(model, state["model"], checkpoint.path(out))
-        if state["model_a"] is not None:
-            model_a = frozen_copy(model)
-            checkpoint.restore_model(model_a, state["model_a"], checkpoint.path(out))
-        masks, cams, done = state["masks"], state["cams"], (state["phase"], state["epoch"])
-        if masks[0].shape[1:] != (len(BOX_CLASSES), h, h) or masks[0].shape[0] != len(mining_names):
-            raise RunError(f"{checkpoint.path(out)}: masks {tuple(masks[0].shape)} do not fit this data set; "
+        masks = state["mining"]["masks"][0] if state["mining"] is not None else None
+        if masks is not None and (masks.shape[1:] != (len(BOX_CLASSES), h, h) or masks.shape[0] != len(mining_names)):
+            raise RunError(f"{checkpoint.path(out)}: masks {tuple(masks.shape)} do not fit this data set; "
                            "pass --overwrite to start over")
         torch.set_rng_state(state["rng"])
-        say(f"resuming {out} after epoch {done[1]} of phase {done[0] + 1}/{len(plan(cfg))}")
+        done = (state["phase"], state["epoch"])
+        where = f"epoch {done[1]} of phase {done[0] + 1}/{len(phases)}" if done[0] < len(phases) else \
+            f"round {state['mining']['round']} of attention mining" if state["mining"] else "training"
+        say(f"resuming {out} after {where}")
     size, workers, preload = cfg.data.image_size, cfg.data.workers, cfg.data.preload
     train = Images(ds, train_names, size, preload, workers, "reading train_val images")
     mining = Images(ds, mining_names, size, preload, workers, "reading mining images")
-    rows = distributed.part(np.arange(len(mining_names)))      # the mining images this process maps
-    for p, (phase, epochs) in enumerate(plan(cfg)):
+    test = Images(ds, test_names, size, preload, workers, "reading test images")
+    for p, (phase, epochs) in enumerate(phases):
         if p < done[0]:
             continue
         start = done[1] if p == done[0] else 0
-        round_ = int(phase[5:]) if phase.startswith("round") else 0
-        if round_ and model_a is None:
-            model_a = distributed.broadcast_module(frozen_copy(model))
-        params = set_phase(model, "mine" if round_ else phase)
-        opt = optimizer(params, cfg.mine.lr if round_ else cfg.train.lr, cfg.train)
+        opt = optimizer(set_phase(model, phase), cfg.train.lr, cfg.train)
         if state is not None and p == done[0] and 0 < start < epochs and state["optimizer"] is not None:
             opt.load_state_dict(state["optimizer"])
         for epoch in range(start, epochs):
-            if round_:
-                mine_epoch(model, model_a, opt, mining, train, masks[-1], cfg, seed, round_, epoch, device)
-            else:
-                classification_epoch(model, opt, phase, train, cfg, seed, epoch, device)
-            distributed.on_main(checkpoint.save, out, config=to_dict(cfg), phase=p, epoch=epoch + 1, model=model,
-                                opt=opt, model_a=model_a, masks=masks, cams=cams)
-        if round_ and len(cams) < round_:
-            h_t = compute_cams(model, mining, masks[-1], device, 2 * cfg.mine.batch_size, f"CAMs H_{round_}", rows)
-            cams.append(distributed.gather(h_t))
-            if round_ < cfg.mine.rounds:
-                masks.append(distributed.gather(next_masks(h_t, masks[-1][rows], mining.labels[rows],
-                                                           cfg.mine.threshold)))
-            distributed.on_main(checkpoint.save, out, config=to_dict(cfg), phase=p, epoch=epochs, model=model,
-                                opt=None, model_a=model_a, masks=masks, cams=cams)
-    test = Images(ds, test_names, size, False, workers)
+            classification_epoch(model, opt, phase, train, cfg, seed, epoch, device)
+            distributed.on_main(checkpoint.save, out, config=to_dict(cfg), phase=p, epoch=epoch + 1,
+                                model=model, opt=opt, mining=None)
+
+    def save(mined):
+        distributed.on_main(checkpoint.save, out, config=to_dict(cfg), phase=len(phases), epoch=0,
+                            model=model, opt=None, mining=mined)
+    mined = attention_mining(model, mining, train, test, cfg, device,
+                             state["mining"] if state is not None else None, save)
     scores = distributed.gather(predict(model, test, device, 2 * cfg.train.batch_size, "scoring the test split",
                                         distributed.part(np.arange(len(test_names)))))
-    mined = dict(names=mining_names, labels=mining.labels.numpy().astype(np.uint8),
-                 cams=torch.stack(cams).numpy(), masks=torch.stack(masks).numpy(), image_size=size)
+    mining_arrays = dict(names=mining_names, labels=mining.labels.numpy().astype(np.uint8),
+                         cams=mined["cams"].numpy(), masks=mined["masks"].numpy(), image_size=size)
     tested = dict(names=test_names, scores=scores, labels=test.labels.numpy().astype(np.uint8))
-    return distributed.on_main(write_outputs, out, model, mined, ds, tested, to_dict(cfg))
+    return distributed.on_main(write_outputs, out, model, mining_arrays, ds, tested, to_dict(cfg),
+                               mined["records"])
 
 
-def write_outputs(out, model, mined, ds, tested, config):
+def write_outputs(out, model, mined, ds, tested, config, rounds):
     """mining.npz, test.npz, model.pt, then the report, boxes and figures; returns the report."""
     _save_npz(os.path.join(out, "mining.npz"), **{k: np.asarray(v) for k, v in mined.items()})
     _save_npz(os.path.join(out, "test.npz"), **{k: np.asarray(v) for k, v in tested.items()})
     with atomic_open(os.path.join(out, "model.pt"), "wb") as f:
         torch.save(model.state_dict(), f)
-    return write_report(out, mined, ds, tested, config)
+    return write_report(out, mined, ds, tested, config, rounds)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None):
@@ -269,8 +261,10 @@ def summarize(report, out, seconds):
     def num(v):
         return "n/a" if v is None else f"{v:.2f}"
     acc = ", ".join(f"{k} {num(v)}" for k, v in report["summary"].items())
+    chest = report["h1_peaks_in_chest"]
+    inside = "" if chest is None else f"; H_1 peaks in the chest {100 * chest:.0f}%"
     return (f"done in {clock(seconds)}: mean Acc over the 8 box classes at T(IoU)=0.3: {acc}; "
-            f"test AUROC {num(report['mean_auroc'])}; see {os.path.join(out, 'report.md')}")
+            f"box-class test AUROC {num(report['box_auroc'])}{inside}; see {os.path.join(out, 'report.md')}")
 
 
 def main(argv=None):

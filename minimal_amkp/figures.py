@@ -143,27 +143,17 @@ def mining_strip(image, cams, masks, h_f, gt, baseline, am, header=""):
     return strip(panels, titles, header)
 
 
-def sample(names, labels, ds, per_class=2):
-    """Deterministic figure sample: per box class, the first `per_class` positive images (sorted names),
-    preferring those with a ground-truth box of that class. Returns [(class index, image index)]."""
-    picks = []
-    for c in range(len(BOX_CLASSES)):
-        pos = sorted((i for i in range(len(names)) if labels[i, c]), key=lambda i: names[i])
-        boxed = [i for i in pos if any(b.label == c for b in ds.boxes.get(names[i], ()))]
-        picks += [(c, i) for i in (boxed + [i for i in pos if i not in boxed])[:per_class]]
-    return picks
-
-
-def write_figures(out_dir, mining, ds, h_f, baseline, am, per_class=2, panel=256):
+def write_figures(out_dir, mining, ds, h_f, baseline, am, picks, panel=256):
     """Write figures/<class>_<image stem>.png strips; return their paths relative to out_dir.
 
     mining as for report.write_report (already checked); h_f (n, 8, h, w); baseline and am:
-    lists of chestxray.BBox in the images' PNG frames. Panels are panel × panel pixels.
+    lists of chestxray.BBox in the images' PNG frames; picks: [(class index, image index,
+    caption saying why this map was picked)]. Panels are panel × panel pixels.
     """
-    names, labels = list(mining["names"]), np.asarray(mining["labels"])
+    names = list(mining["names"])
     cams, masks = np.asarray(mining["cams"]), np.asarray(mining["masks"])
     paths = []
-    for c, i in sample(names, labels, ds, per_class):
+    for c, i, why in picks:
         name = names[i]
         gt = [(b.x, b.y, b.w, b.h) for b in ds.boxes.get(name, ()) if b.label == c]
         mine = [[(b.x, b.y, b.w, b.h) for b in sorted(boxes, key=lambda b: b.rank)
@@ -171,7 +161,7 @@ def write_figures(out_dir, mining, ds, h_f, baseline, am, per_class=2, panel=256
         image, scaled = load_image(ds.image_path(name), panel,
                                    np.array(gt + mine[0] + mine[1], dtype=np.float64).reshape(-1, 4))
         gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(mine[0])]))
-        header = (f"{name}  {BOX_CLASSES[c]}   red = ground truth, green = harvested, "
+        header = (f"{name}  {BOX_CLASSES[c]}: {why}.   red = ground truth, green = harvested, "
                   "heat blue (low) to red (high)")
         rgb = mining_strip(image, cams[:, i, c], masks[:, i, c], h_f[i, c], gt_p, base_p, am_p, header)
         rel = os.path.join("figures", f"{BOX_CLASSES[c]}_{os.path.splitext(name)[0]}.png")

@@ -89,7 +89,8 @@ def upsample(h, width, height):
 
 
 def harvest(heatmaps, names, labels, frames, k=3):
-    """Up to k ranked boxes per image and positive box class, in each image's frame.
+    """Up to k ranked boxes per image and positive box class, in each image's frame, none
+    narrower or lower than one heatmap cell there.
 
     heatmaps (n, 8, h, w); labels (n, 14); frames: n (width, height). -> list[BBox] with score, rank.
     """
@@ -98,7 +99,9 @@ def harvest(heatmaps, names, labels, frames, k=3):
         width, height = frames[i]
         for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
             up = upsample(heatmaps[i, c], width, height)                     # (H, W)
-            for r, (x, y, w, h, s) in enumerate(R.boxes_from_heatmap(up, k=k), start=1):
+            # No box thinner than one heatmap cell: the map cannot place an edge more finely.
+            cell = (width / heatmaps.shape[3], height / heatmaps.shape[2])
+            for r, (x, y, w, h, s) in enumerate(R.boxes_from_heatmap(up, k=k, min_size=cell), start=1):
                 out.append(BBox(name, int(c), float(x), float(y), float(w), float(h), float(s), r))
     return out
 

@@ -1,17 +1,35 @@
-"""Attention mining (Sec. 2.1, 3.2) with knowledge preservation (Sec. 2.2).
+"""Attention mining (Sec. 2.1, 3.2) with knowledge preservation (Sec. 2.2): the method's T rounds.
 
-Masks M live at the resolution of X, one per mining image and box class, and start all ones
-(M_0). Round t = 1..T: fine-tune N_B on the mining images erased by M_{t-1} with loss (6);
-compute H_t = CAM of every mining image under M_{t-1} (eq. 7, all 8 box classes); then
-M_t = update_masks(H_t, M_{t-1}) for the classes an image is labelled with, while the
-classes it is negative for keep all-ones masks (nothing there to mine). Round 1 erases
-nothing: its H_1 is the CAM baseline of Table 2. Only the mining images' labels are used.
+`attention_mining` is the whole method after classification training, in one place:
+
+    N_A = a frozen copy of the classifier;  M_0 = 1 for every mining image and box class
+    for t = 1..T:
+        fine-tune N_B on the mining images erased by M_{t-1}, loss (6), until the erased
+            images' L_cls levels off (below)
+        H_t = CAMs of every mining image under M_{t-1} (eq. 7), all 8 box classes
+        M_t = update_masks(H_t, M_{t-1}) for the classes an image is labelled with; the classes
+            it is negative for keep all-ones masks (nothing there to mine)
+    H_f = eq. (8) over H_1..H_T (harvest.fused, when the report is written)
+
+Round 1 erases nothing: its H_1 is the CAM baseline of Table 2 ("the 1st time step of AM ...
+fine-tuned until it is converged on the bbox images", Sec. 3.2). Only the mining images' labels
+are used. Each round leaves a record (ROUND_RECORD) so a report can show what mining learnt.
+
+Our choices where the paper is silent:
+- A round ends when an epoch lowers the erased images' L_cls (eval mode, all mining images
+  under M_{t-1}) by less than `mine.level_off` of its value, after at least `mine.min_epochs`
+  and at most `mine.epochs` epochs.
+- One optimizer serves all T rounds at the constant rate `mine.lr`: its moments carry over
+  from round to round and no round restarts a warm-up or a decay. A round's length is decided
+  by the criterion above, so a schedule tied to a fixed length would not fit, and a restarted
+  warm-up spends the first steps of every round at a rate too low to move N_B.
 
 KP modes, our reading of Sec. 2.2 (the paper does not spell out the batch recipe):
     full     each minibatch of N holds n = N·fraction mining images with erased maps and
              N − n train_val images left whole; L = L_cls (all N) + λ L_KP, L_KP over the
-             N − n whole images between N_A (frozen before mining) and N_B at layer3,
-             layer4, the MSA output X and the logits (K of Sec. 3.2)
+             N − n whole images between N_A (frozen before mining) and N_B at the
+             last two stages (layer3 and layer4 of ResNet-50), the MSA output X and the
+             logits (K of Sec. 3.2)
     vanilla  the same minibatches, L = L_cls
     none     minibatches of N mining images only, all erased, L = L_cls
 The mining images are never augmented: a moved pixel would leave its mask behind.
@@ -24,7 +42,9 @@ import torch
 from minimal_amkp import distributed, ops
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
-from minimal_amkp.train import autocast, chunks, infer, order, run_epoch, set_phase, to_device
+from minimal_amkp.model import map_size
+from minimal_amkp.train import (autocast, chunks, infer, optimizer, order, predict, run_epoch,
+                                set_phase, to_device)
 
 B = len(BOX_CLASSES)                                       # masks and CAMs cover the 8 box classes
 
@@ -84,15 +104,17 @@ def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
         return l_cls, l_cls, None
     with torch.no_grad():
         a = model_a(x)                  # the whole minibatch: the same batch-norm statistics as N_B
-    layers = [(a.layer3, out.layer3), (a.layer4, out.layer4), (a.logits, out.logits)]
-    if model_a.msa is not None:              # N_A is N_B's architecture; without MSA, X is layer4
+    layers = [(a.penultimate, out.penultimate), (a.last, out.last), (a.logits, out.logits)]
+    if model_a.msa is not None:              # N_A is N_B's architecture; without MSA, X is X_k
         layers.insert(2, (a.x, out.x))
     l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers])
     return ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp
 
 
 def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epoch, device):
-    """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1}."""
+    """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1}.
+
+    -> (mean loss, mean λ·L_KP / L_cls over its steps, None without KP)."""
     k = cfg.mine
     set_phase(model, "mine")
     net = distributed.replicate(model)
@@ -101,6 +123,7 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
         distributed.check_split([len(t) for _, t in batches], "--mine.batch-size (its N − n whole images)")
     else:
         distributed.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
+    ratios = []
 
     def loss_fn(idx):
         mi, ti = (distributed.part(i) for i in idx)       # this process's slice of each kind
@@ -115,11 +138,15 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
                                      m.to(device, torch.float32), len(mi), k.kp, k.lam)
         # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).
         l_cls = distributed.share(len(mi) + len(ti), sum(map(len, idx))) * l_cls
-        return l_cls if l_kp is None else ops.total_loss(l_cls, distributed.share(len(ti), len(idx[1])) * l_kp, k.lam)
+        if l_kp is None:
+            return l_cls
+        l_kp = distributed.share(len(ti), len(idx[1])) * l_kp
+        ratios.append(distributed.average(k.lam * l_kp) / distributed.average(l_cls))
+        return ops.total_loss(l_cls, l_kp, k.lam)
 
-    return run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn, k.lr,
-                     epoch * len(batches), k.epochs * len(batches),
-                     f"AM round {round_}/{k.rounds} epoch {epoch + 1}/{k.epochs}")
+    loss = run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn,
+                     lambda i: k.lr, f"AM round {round_}/{k.rounds} epoch {epoch + 1}")
+    return loss, (float(np.mean(ratios)) if ratios else None)
 
 
 def compute_cams(model, mining, masks, device, batch_size, label="CAMs", rows=None):
@@ -135,3 +162,118 @@ def next_masks(h, m, labels, threshold):
     updated = R.update_masks(h.double().numpy(), m.numpy(), threshold)                # (n, 8, h, w)
     positive = labels[:, :B].numpy().astype(bool)[:, :, None, None]                  # (n, 8, 1, 1)
     return torch.from_numpy(np.where(positive, updated, m.numpy()).astype(np.uint8))
+
+
+def erased_loss(model, mining, masks, device, batch_size, rows):
+    """Eq. (3) over every mining image erased by masks (n, 8, h, w), eval mode: the number a
+    round drives down. This process scores its `rows`; the loss is the whole set's."""
+    logits = infer(model, mining, device, batch_size, "erased-image loss", rows,
+                   lambda x, idx: model(x, batch_masks(masks[torch.as_tensor(idx)], mining.labels.shape[1])
+                                        .to(device, torch.float32)).logits)
+    logits = distributed.gather(logits if logits is not None else torch.zeros(0, mining.labels.shape[1]))
+    return float(ops.classification_loss(logits.double(), mining.labels.double()))
+
+
+def box_auroc(model, test, device, batch_size):
+    """Mean test AUROC over the 8 box classes (the test split's images are never mined)."""
+    if len(test) == 0:
+        return float("nan")
+    p = distributed.gather(predict(model, test, device, batch_size, "scoring the test split",
+                                   distributed.part(np.arange(len(test)))))
+    labels = test.labels.numpy()
+    return float(np.nanmean([R.auroc(p[:, c], labels[:, c]) for c in range(B)]))
+
+
+def movement(h_t, h_1, m_prev, labels):
+    """How far the network moved by round t: ‖H_t − H_1 ⊙ M_{t-1}‖ / ‖H_1 ⊙ M_{t-1}‖ over the
+    labelled maps (image × positive box class). A frozen network gives 0: eq. (7) makes its
+    H_t exactly H_1 ⊙ M_{t-1}. Arrays (n, 8, h, w), labels (n, 14); None without such maps."""
+    positive = np.asarray(labels[:, :B], dtype=bool)                                    # (n, 8)
+    frozen = (np.asarray(h_1, np.float64) * np.asarray(m_prev))[positive]               # (p, h, w)
+    moved = np.asarray(h_t, np.float64)[positive] - frozen
+    norm = np.linalg.norm(frozen)
+    return float(np.linalg.norm(moved) / norm) if norm > 0 else None
+
+
+# What each round records (report.json "rounds", report.md's table).
+ROUND_RECORD = {
+    "t": "the round",
+    "epochs": "epochs the round trained",
+    "loss_before": "L_cls of the mining images erased by M_{t-1}, before the round",
+    "loss_after": "the same after the round",
+    "kp_ratio": "mean λ·L_KP / L_cls over the round's steps (the paper wants about 1/2)",
+    "auroc_b": "box-class test AUROC of N_B after the round",
+    "auroc_a": "box-class test AUROC of N_A, the classifier before mining",
+    "movement": "‖H_t − H_1 ⊙ M_{t-1}‖ / ‖H_1 ⊙ M_{t-1}‖ over the labelled maps (0: frozen)",
+}
+
+
+def attention_mining(model, mining, train, test, cfg, device, state=None, save=None):
+    """The method after classification training: T rounds of AM with KP (module docstring).
+
+    model: the trained classifier, fine-tuned in place into N_B; mining, train, test: Images
+    (mining images with their labels, train_val images for KP, the test split for AUROC).
+    state: what `save` was last given, to resume an interrupted run, or None to start.
+    save(state) is called after every epoch and every round; state is a dict of tensors,
+    numbers and lists (a checkpoint can hold it).
+    -> dict(cams, masks (T, n, 8, h, w) tensors; records: one dict per round, ROUND_RECORD keys)
+    """
+    k = cfg.mine
+    rows = distributed.part(np.arange(len(mining)))           # the mining images this process maps
+    batch = 2 * k.batch_size
+    model_a = frozen_copy(model)
+    if state is None:
+        h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
+        state = dict(round=1, epoch=0, losses=[], ratios=[], records=[], cams=[], optimizer=None,
+                     masks=[torch.ones(len(mining), B, h, h, dtype=torch.uint8)],
+                     auroc_a=box_auroc(model, test, device, batch), model_a=None)
+        distributed.broadcast_module(model_a)
+    else:
+        model_a.load_state_dict(state["model_a"])
+    state["model_a"] = model_a.state_dict()
+    opt = optimizer(set_phase(model, "mine"), k.lr, cfg.train)
+    if state["optimizer"] is not None:
+        opt.load_state_dict(state["optimizer"])
+    while state["round"] <= k.rounds:
+        t, masks = state["round"], state["masks"][-1]
+        if not state["losses"]:
+            state["losses"].append(erased_loss(model, mining, masks, device, batch, rows))
+        while not leveled_off(state["losses"], k):
+            _, ratio = mine_epoch(model, model_a, opt, mining, train, masks, cfg, cfg.run.seed, t,
+                                  state["epoch"], device)
+            state["epoch"] += 1
+            state["ratios"].append(ratio)
+            state["losses"].append(erased_loss(model, mining, masks, device, batch, rows))
+            state["optimizer"] = opt.state_dict()
+            if save:
+                save(state)
+        h_t = compute_cams(model, mining, masks, device, batch, f"CAMs H_{t}", rows)
+        state["cams"].append(distributed.gather(h_t))
+        labels = mining.labels.numpy()
+        ratios = [r for r in state["ratios"] if r is not None]
+        state["records"].append(dict(
+            t=t, epochs=state["epoch"], loss_before=state["losses"][0], loss_after=state["losses"][-1],
+            kp_ratio=float(np.mean(ratios)) if ratios else None,
+            auroc_b=box_auroc(model, test, device, batch), auroc_a=state["auroc_a"],
+            movement=movement(state["cams"][-1].numpy(), state["cams"][0].numpy(), masks.numpy(), labels)
+            if t > 1 else None))
+        if t < k.rounds:
+            state["masks"].append(distributed.gather(next_masks(h_t, masks[rows], mining.labels[rows],
+                                                                k.threshold)))
+        state.update(round=t + 1, epoch=0, losses=[], ratios=[])
+        if save:
+            save(state)
+    return dict(cams=torch.stack(state["cams"]), masks=torch.stack(state["masks"]), records=state["records"])
+
+
+def leveled_off(losses, k):
+    """Whether a round is done: losses[0] before it, losses[e] after its epoch e. Done after
+    k.epochs epochs, or once k.min_epochs are done and the last epoch lowered the loss by less
+    than k.level_off of its previous value."""
+    epochs = len(losses) - 1
+    if epochs >= k.epochs:
+        return True
+    if epochs < max(k.min_epochs, 1):
+        return False
+    before, after = losses[-2], losses[-1]
+    return before - after < k.level_off * abs(before)

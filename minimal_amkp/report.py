@@ -1,13 +1,14 @@
 """The end of a run: harvested boxes, the numbers of Table 2, and pictures, in one folder.
 
-write_report(out_dir, mining, ds, test, config) writes
+write_report(out_dir, mining, ds, test, config, rounds) writes
     boxes.csv       AM boxes (from H_f), BBox_List_2017.csv columns + score, rank
     figures/*.png   Fig. 2-style strips (figures.py); not with --report-extras false
     report.md       the tables below, with links to the figures
     report.json     every number, machine-readable (NaN as null); written last
 Every number comes from minimal_amkp.reference (auroc, acc_afp_table, max_box_acc_v2); this
 module only arranges inputs and outputs. Three localizers are compared on the mining images:
-the box prior (no image, harvest.box_prior), the baseline H_1 (t = 1) and AM's H_f (t = T).
+the box prior (no image, harvest.box_prior), the baseline H_1 (t = 1) and AM's H_f (t = T),
+with the per-lesion numbers of lesions.py beside the tables and what each round of mining did.
 """
 import json
 import math
@@ -21,12 +22,17 @@ from minimal_amkp.classes import BOX_CLASSES, CLASSES, SHORT_NAMES
 from minimal_amkp.figures import write_figures
 from minimal_amkp.harvest import (box_prior, by_class, check_mining, frame, fused, harvest,
                                   upsample, write_boxes_csv)
+from minimal_amkp.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, lesion_numbers,
+                                  peaks_in_chest)
+from minimal_amkp.mine import ROUND_RECORD
+from minimal_amkp.phantom import read_chest_masks
 
 METHODS = ("prior", "baseline", "am")
 TITLES = {"prior": "Box prior (mean GT box, leave-one-image-out)",
           "baseline": "Baseline (H_1, t = 1)", "am": "AM (H_f, eq. 8, t = T)"}
 OVERLAPS = {"iou": "T(IoU)", "iobb": "T(IoBB)"}
 SUMMARY_IOU = 0.3
+ALL_BOXES_IOU = (0.1, 0.3)       # the T(IoU) columns of Tables 1 and 3: every box of B counts
 # MaxBoxAccV2 thresholds each map 100 times. It is evaluated in the S×S model-input frame
 # (Choe et al. use 224 px), capped at this size: IoU does not change when both boxes are scaled
 # alike, so the cap costs little accuracy and saves minutes on 1024-px inputs.
@@ -92,6 +98,39 @@ def fmt(v):
     return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
+def rounds_markdown(rounds):
+    """The table of what each mining round did (mine.ROUND_RECORD), as report.md lines."""
+    if not rounds:
+        return []
+    lines = ["## Attention-mining rounds", "",
+             "| t | epochs | erased-image L_cls before → after | mean λ·L_KP / L_cls | "
+             "box-class AUROC N_B (N_A) | movement |", "|---|---|---|---|---|---|"]
+    for d in rounds:
+        lines.append(f"| {d['t']} | {d['epochs']} | {d['loss_before']:.4f} → {d['loss_after']:.4f} | "
+                     f"{fmt(d['kp_ratio'])} | {fmt(d['auroc_b'])} ({fmt(d['auroc_a'])}) | "
+                     f"{fmt(d['movement'])} |")
+    return lines + [""] + [f"- {k}: {v}" for k, v in ROUND_RECORD.items() if k != "t"] + [""]
+
+
+def lesions_markdown(lesions):
+    """Recall by lesion count and extent IoU (lesions.py) for H_1 and H_f, as report.md lines."""
+    lines = ["## Lesion by lesion (every box of an image counts)", "",
+             "| method | " + " | ".join(f"recall {k}: multi / single" for k in lesions["baseline"]["recall"])
+             + " | extent IoU |", "|" + "---|" * (len(CUTS) + 2)]
+    for m in ("baseline", "am"):
+        rec = lesions[m]["recall"]
+        lines.append(f"| {TITLES[m]} | " + " | ".join(f"{fmt(v['multi'])} / {fmt(v['single'])}" for v in rec.values())
+                     + f" | {fmt(lesions[m]['extent_iou_mean'])} |")
+    some = next(iter(lesions["baseline"]["recall"].values()))
+    lines += ["", f"Multi: the {some['n_multi']} ground-truth boxes of images with two or more boxes of their "
+              f"class; single: the other {some['n_single']}. Extent IoU: the best IoU of an image's boxes "
+              f"with each ground-truth box, mean over {', '.join(EXTENDED)}.", "",
+              "| extent IoU | " + " | ".join(SHORT_NAMES) + " |", "|" + "---|" * (len(SHORT_NAMES) + 1)]
+    lines += [f"| {m} | " + " | ".join(fmt(lesions[m]["extent_iou"][c]) for c in BOX_CLASSES) + " |"
+              for m in ("baseline", "am")]
+    return lines + [""]
+
+
 def markdown(r, figures):
     """report.md from the report dict r (before jsonable) and the figure paths (None: not drawn)."""
     s = r["summary"]
@@ -102,6 +141,17 @@ def markdown(r, figures):
         f"{r['heatmap_size'][1]}, {sum(r['n_gt_boxes'].values())} ground-truth boxes.", "",
         f"**Mean Acc over the 8 box classes at T(IoU) = {SUMMARY_IOU}:** box prior "
         f"{fmt(s['prior'])}, baseline (t = 1) {fmt(s['baseline'])}, AM (t = T) {fmt(s['am'])}.", "",
+        f"**Classifier:** mean test AUROC over the 8 box classes {fmt(r['box_auroc'])} (on test "
+        f"images that are never mined); H_1 peaks inside the chest in "
+        + ("n/a (no chest masks: real data)" if r["h1_peaks_in_chest"] is None
+           else f"{100 * r['h1_peaks_in_chest']:.0f}% of the labelled mining maps") + ".", "",
+        "## Every box in B (Tables 1 and 3)", "",
+        "Acc with all of each method's boxes taken, no AFP bound.", "",
+        "| T(IoU) | method | " + " | ".join(SHORT_NAMES) + " | mean |", "|" + "---|" * (len(SHORT_NAMES) + 3),
+        *(f"| {t:g} | {m} | " + " | ".join(fmt(a) for a in r["all_boxes"][m][str(t)]) +
+          f" | {fmt(nanmean(r['all_boxes'][m][str(t)]))} |" for t in ALL_BOXES_IOU for m in METHODS), "",
+        *rounds_markdown(r["rounds"]),
+        *lesions_markdown(r["lesions"]),
         "## Boxes per class", "",
         "| | " + " | ".join(SHORT_NAMES) + " |", "|" + "---|" * (len(SHORT_NAMES) + 1),
         "| ground truth | " + " | ".join(str(r["n_gt_boxes"][c]) for c in BOX_CLASSES) + " |",
@@ -127,8 +177,11 @@ def markdown(r, figures):
               "| class | AUROC | positives |", "|---|---|---|"]
     lines += [f"| {c} | {fmt(r['auroc'][c])} | {r['test_positives'][c]} |" for c in CLASSES]
     lines += [f"| mean | {fmt(r['mean_auroc'])} | |", "", "## Figures", "",
-              "Image with ground truth (red); H_1 with the baseline's boxes (green); H_2..H_T with the "
-              "region erased before that step hatched; H_f with the AM boxes (green).", ""]
+              "Per box class, the map where H_f gains most over H_1 and the one where it loses most, by "
+              "the mean over the map's ground-truth boxes of (best IoU of the AM boxes) − (best IoU of the "
+              "baseline boxes); each strip says which. Image with ground truth (red); H_1 with the "
+              "baseline's boxes (green); H_2..H_T with the region erased before that step hatched; H_f "
+              "with the AM boxes (green).", ""]
     lines += [f"Not drawn ({SKIPPED})."] if figures is None else [f"![{os.path.basename(p)}]({p})" for p in figures]
     lines += ["", "## Notes", "",
               "- Box prior: each class's mean ground-truth box (relative centre and size), one per "
@@ -142,11 +195,12 @@ def markdown(r, figures):
     return "\n".join(lines)
 
 
-def write_report(out_dir, mining, ds, test, config):
+def write_report(out_dir, mining, ds, test, config, rounds=()):
     """Harvest, evaluate and draw; write boxes.csv, figures/, report.md, report.json. -> report dict.
 
     mining: names (n), labels (n, 14), cams and masks (T, n, 8, h, w), image_size S;
-    ds: ChestXray14; test: names (M), scores (M, 14), labels (M, 14); config: JSON-able dict.
+    ds: ChestXray14; test: names (M), scores (M, 14), labels (M, 14); config: JSON-able dict;
+    rounds: the round records of mine.attention_mining (mine.ROUND_RECORD), if any.
     """
     names, labels, cams, masks, size = check_mining(mining, ds)
     scores, test_labels = check_test(test)
@@ -164,6 +218,9 @@ def write_report(out_dir, mining, ds, test, config):
     acc_afp = {ov: {m: R.acc_afp_table(by_class(boxes[m], names), gt, overlap=ov) for m in METHODS}
                for ov in OVERLAPS}
     at = R.DEFAULT_IOU_THRESHOLDS.index(SUMMARY_IOU)
+    all_boxes = {m: {str(t): R.acc_afp_table(by_class(boxes[m], names), gt, thresholds=(t,),
+                                             bounds=np.inf)["acc"][0] for t in ALL_BOXES_IOU}
+                 for m in METHODS}
     auroc = {c: R.auroc(scores[:, k], test_labels[:, k]) for k, c in enumerate(CLASSES)}
     r = dict(
         n_mining_images=len(names), T=int(cams.shape[0]), image_size=size,
@@ -176,10 +233,15 @@ def write_report(out_dir, mining, ds, test, config):
         max_box_acc_v2_size=min(size, MAXBOX_SIZE),
         max_box_acc_v2={m: max_box_acc(h, names, frames, gt, min(size, MAXBOX_SIZE))
                         for m, h in (("baseline", h_1), ("am", h_f))} if extras else None,
+        all_boxes=all_boxes, rounds=[dict(d) for d in rounds],
+        lesions={m: lesion_numbers(boxes[m], names, gt) for m in ("baseline", "am")},
+        h1_peaks_in_chest=peaks_in_chest(h_1, names, labels, read_chest_masks(ds.root)),
         auroc=auroc, mean_auroc=nanmean(list(auroc.values())),
+        box_auroc=nanmean([auroc[c] for c in BOX_CLASSES]),
         test_positives={c: int(test_labels[:, k].sum()) for k, c in enumerate(CLASSES)},
         config=config)
-    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"]) if extras else None
+    picks = gain_and_loss_picks(gains(boxes["baseline"], boxes["am"], names, gt))
+    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"], picks) if extras else None
     write_boxes_csv(os.path.join(out_dir, "boxes.csv"), boxes["am"])
     atomic_write_text(os.path.join(out_dir, "report.md"), markdown(r, figures))
     r["figures"] = figures or []

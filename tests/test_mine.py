@@ -5,8 +5,9 @@ import torch
 
 from minimal_amkp import reference as R
 from minimal_amkp.config import ModelConfig, preset
-from minimal_amkp.mine import (am_loss, batch_masks, compute_cams, frozen_copy, mine_epoch,
-                               mining_batches, next_masks)
+from minimal_amkp.mine import (ROUND_RECORD, am_loss, attention_mining, batch_masks, compute_cams,
+                               frozen_copy, leveled_off, mine_epoch, mining_batches, movement,
+                               next_masks)
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.train import set_phase, optimizer
 
@@ -131,3 +132,82 @@ def test_none_mode_never_reads_a_train_image():
     opt = optimizer(set_phase(model, "mine"), 0.05, cfg.train)
     mine_epoch(model, frozen_copy(model), opt, Memory(16, 1), NoTrain(24, 2),
                torch.ones(16, 8, H, H, dtype=torch.uint8), cfg, 0, 1, 0, torch.device("cpu"))
+
+
+def mining_run(cfg, model, state=None, save=None):
+    return attention_mining(model, Memory(6, 1), Memory(24, 2), Memory(20, 3), cfg, torch.device("cpu"),
+                            state, save)
+
+
+def test_attention_mining_runs_t_rounds_and_records_each():
+    cfg, model = micro()
+    cfg.mine.rounds, cfg.mine.epochs, cfg.mine.min_epochs = 3, 2, 2
+    out = mining_run(cfg, model)
+    assert out["cams"].shape == (3, 6, 8, H, H) and out["masks"].shape == (3, 6, 8, H, H)
+    assert torch.all(out["masks"][0] == 1) and torch.all(out["masks"][1:] <= out["masks"][:-1])
+    assert (out["masks"][2] == 0).any(), "nothing was erased"
+    assert torch.all(out["cams"][1:][out["masks"][1:] == 0] == 0), "H_t is not 0 where M_{t-1} erased X"
+    rounds = out["records"]
+    assert [d["t"] for d in rounds] == [1, 2, 3] and all(set(d) == set(ROUND_RECORD) for d in rounds)
+    assert all(d["epochs"] == 2 for d in rounds)
+    assert rounds[0]["movement"] is None and all(d["movement"] > 0 for d in rounds[1:])
+    assert all(0 < d["kp_ratio"] and 0 <= d["auroc_b"] <= 1 and d["auroc_a"] == rounds[0]["auroc_a"]
+               for d in rounds)
+
+
+def test_without_training_the_network_does_not_move():
+    cfg, model = micro()
+    cfg.mine.rounds, cfg.mine.epochs = 3, 0
+    out = mining_run(cfg, model)
+    assert [d["movement"] for d in out["records"]] == [None, 0.0, 0.0]
+    assert all(d["loss_before"] == d["loss_after"] and d["epochs"] == 0 for d in out["records"])
+    h = out["cams"].numpy()
+    np.testing.assert_array_equal(h[2], h[0] * out["masks"][2].numpy())   # H_3 = H_1 ⊙ M_2 exactly
+
+
+def test_movement_by_hand():
+    h1 = np.arange(2 * 8 * 2 * 2, dtype=float).reshape(2, 8, 2, 2) + 1
+    m = np.ones_like(h1)
+    m[..., 0, 0] = 0
+    labels = np.zeros((2, 14))
+    labels[0, 3] = labels[1, 5] = 1
+    assert movement(h1 * m, h1, m, labels) == 0.0
+    moved = h1 * m
+    moved[0, 3] *= 2                                    # one labelled map doubles
+    frozen = np.concatenate([(h1 * m)[0, 3].ravel(), (h1 * m)[1, 5].ravel()])
+    assert movement(moved, h1, m, labels) == pytest.approx(np.linalg.norm((h1 * m)[0, 3]) / np.linalg.norm(frozen))
+    moved[1, 0] += 100                                  # an unlabelled map does not count
+    assert movement(moved, h1, m, labels) == pytest.approx(np.linalg.norm((h1 * m)[0, 3]) / np.linalg.norm(frozen))
+    assert movement(h1, h1, m, np.zeros((2, 14))) is None
+
+
+@pytest.mark.parametrize("losses, done", [
+    ([1.0], False),                     # not trained yet
+    ([1.0, 0.99], False),               # min_epochs 2 not reached
+    ([1.0, 0.9, 0.8], False),           # still falling by 11%
+    ([1.0, 0.9, 0.89], True),           # fell by 1.1% < 2%
+    ([1.0, 0.9, 0.95], True),           # rose
+    ([1.0, 0.5, 0.25, 0.12, 0.06], True),   # at most 4 epochs
+])
+def test_a_round_ends_when_its_erased_loss_levels_off(losses, done):
+    cfg, _ = micro()
+    cfg.mine.epochs, cfg.mine.min_epochs, cfg.mine.level_off = 4, 2, 0.02
+    assert leveled_off(losses, cfg.mine) is done
+
+
+def test_resumed_from_any_saved_state_mining_ends_as_an_uninterrupted_run():
+    import copy
+    cfg, model = micro()
+    cfg.mine.rounds, cfg.mine.epochs, cfg.mine.min_epochs = 2, 2, 2
+    start = copy.deepcopy(model.state_dict())
+    saved = []
+    whole = mining_run(cfg, model, save=lambda st: saved.append((copy.deepcopy(st), copy.deepcopy(model.state_dict()))))
+    assert len(saved) == 2 * 2 + 2                      # every epoch and every round
+    for k in (1, 2, 4):
+        state, weights = saved[k]
+        _, again = micro()
+        again.load_state_dict(weights)
+        out = mining_run(cfg, again, copy.deepcopy(state))
+        torch.testing.assert_close(out["cams"], whole["cams"], rtol=0, atol=0, msg=lambda m: f"from save {k}: {m}")
+        assert torch.equal(out["masks"], whole["masks"]) and out["records"] == whole["records"], k
+    assert start.keys() == model.state_dict().keys()

@@ -1,0 +1,102 @@
+"""What attention mining adds, lesion by lesion: numbers the Acc-AFP tables cannot show.
+
+Table 2's protocol ranks every image's boxes in one list B and stops at an AFP bound, so a
+second lesion, or the rest of a large one, moves Acc only through the boxes that budget
+reaches. Here every box of an image counts (no B list, no bound), per ground-truth box:
+- recall: whether some box of its image overlaps it by T, split into lesions of images with
+  one box of that class and lesions of images with several ("multi": what later rounds are
+  meant to find), at IoU 0.1, IoU 0.3 and IoBB 0.5;
+- extent IoU: the best IoU of its image's boxes with it, averaged over the classes whose
+  findings spread (EXTENDED): how much of a large finding the best box covers;
+- the gain of a map, mean over its ground-truth boxes of best IoU under H_f minus under H_1,
+  which picks the report's figures;
+- where H_1 peaks: the share of labelled maps whose peak cell lies in the chest cavity.
+Every overlap comes from reference.best_overlap; this module only groups them.
+"""
+import numpy as np
+
+from minimal_amkp import reference as R
+from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.harvest import by_class
+
+CUTS = (("iou", 0.1), ("iou", 0.3), ("iobb", 0.5))
+# Findings that spread, so a box can cover part of one: all but the focal round opacities
+# (a Nodule or a Mass is boxed whole by any box on its core).
+EXTENDED = tuple(c for c in BOX_CLASSES if c not in ("Nodule", "Mass"))
+
+
+def best(boxes, names, gt, overlap):
+    """Per box class, {image: (g,) best overlap of the image's boxes with each gt box}."""
+    return [R.best_overlap(p, g, overlap) for p, g in zip(by_class(boxes, names), gt)]
+
+
+def lesion_numbers(boxes, names, gt):
+    """Recall by lesion count and extent IoU of one method's boxes (list of BBox).
+
+    gt: per box class {image: (g, 4)} (report.ground_truth). -> dict(
+        recall {"iou 0.1" ..: {"multi", "single": share, "n_multi", "n_single": counts}},
+        extent_iou {class: mean best IoU or NaN}, extent_iou_mean over EXTENDED)."""
+    out = dict(recall={})
+    for overlap, t in CUTS:
+        hits = {"multi": [], "single": []}
+        for per_image in best(boxes, names, gt, overlap):
+            for values in per_image.values():
+                if len(values):
+                    hits["multi" if len(values) > 1 else "single"] += list(values >= t)
+        out["recall"][f"{overlap} {t:g}"] = {
+            **{k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()},
+            **{f"n_{k}": len(v) for k, v in hits.items()}}
+    ious = best(boxes, names, gt, "iou")
+    out["extent_iou"] = {c: float(np.mean(np.concatenate(list(ious[k].values()) or [[]])))
+                         if any(len(v) for v in ious[k].values()) else float("nan")
+                         for k, c in enumerate(BOX_CLASSES)}
+    extended = [out["extent_iou"][c] for c in EXTENDED]
+    out["extent_iou_mean"] = float(np.nanmean(extended)) if not np.all(np.isnan(extended)) else float("nan")
+    return out
+
+
+def gains(baseline, am, names, gt):
+    """Per (box class, image) with ground truth: mean over its gt boxes of the best IoU of the
+    AM boxes minus that of the baseline boxes. -> {(c, image index): gain}."""
+    index = {name: i for i, name in enumerate(names)}
+    before, after = best(baseline, names, gt, "iou"), best(am, names, gt, "iou")
+    return {(c, index[image]): float(np.mean(after[c][image] - values))
+            for c in range(len(BOX_CLASSES)) for image, values in before[c].items() if len(values)}
+
+
+def gain_and_loss_picks(gain):
+    """Per box class, the map where H_f gains most over H_1 and the one where it loses most
+    (ties: the first image); one pick where a class has a single map, none where it has none.
+    -> [(class index, image index, caption)]."""
+    picks = []
+    for c in range(len(BOX_CLASSES)):
+        maps = sorted((i, g) for (k, i), g in gain.items() if k == c)
+        if not maps:
+            continue
+        top = max(maps, key=lambda m: m[1])
+        low = min(maps, key=lambda m: m[1])
+        picks.append((c, top[0], f"most gained of {len(maps)} maps: best-box IoU H_f - H_1 {top[1]:+.2f}"))
+        if low[0] != top[0]:
+            picks.append((c, low[0], f"most lost of {len(maps)} maps: best-box IoU H_f - H_1 {low[1]:+.2f}"))
+    return picks
+
+
+def peak_position(h):
+    """Centre of the map's peak cell (first argmax, row-major) as fractions (x, y) of the image:
+    cell (r, c) of an h×w map covers [c/w, (c+1)/w) × [r/h, (r+1)/h) of any frame."""
+    r, c = np.unravel_index(np.argmax(h), h.shape)
+    return (c + 0.5) / h.shape[1], (r + 0.5) / h.shape[0]
+
+
+def peaks_in_chest(h, names, labels, chests):
+    """Share of the labelled maps (image × positive box class) whose peak cell's centre lies in
+    the image's chest cavity; None without chest masks (real data). h (n, 8, h, w)."""
+    if chests is None:
+        return None
+    inside = []
+    for i, name in enumerate(names):
+        mask = chests[name]                                                   # (side, side)
+        for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
+            fx, fy = peak_position(h[i, c])
+            inside.append(bool(mask[int(fy * mask.shape[0]), int(fx * mask.shape[1])]))
+    return float(np.mean(inside)) if inside else None
