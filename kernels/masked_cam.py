@@ -1,6 +1,6 @@
 """Masked CAM and branch logits, paper eq. (7) and the logit inside eq. (2), in one pass over x.
 
-    cam[n, c, hw]  = m[n, c, hw] * sum_d x[n, d, hw] w[c, d]       = H_c of eq. (7)
+    cam[n, c, hw]  = m[n, c, hw] * sum_d w[c, d] x[n, d, hw]       = H_c of eq. (7)
     logits[n, c]   = (1 / HW) sum_hw cam[n, c, hw] + b[c]          = w_cᵀ g(X ⊙ M̂_c) + b_c
     x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,)
 
