@@ -1,13 +1,26 @@
-"""The formulations the bench races, one `Op` per kernel.
+"""The formulations the bench races, one `Op` per group of rows.
 
-    numpy        the float64 reference (minimal_amkp.reference), forward only
-    torch_naive  the paper's order of operations: materialise X ⊙ M̂_c (N, C, D, H, W), then GAP
-                 and the branch product; for kp the full-size difference fa - fb
-    torch_fused  the same math without the erased copies (one matmul / bmm over x)
-    compile_*    torch.compile of torch_fused, modes "default" and "max-autotune"
-    triton       kernels.* (CUDA only: the interpreter is a correctness tool, not a speed path)
-Every provider takes the same tensors; `extra_bytes` says how much a provider materialises,
-so the bench can skip the ones that would not fit under --max-gb.
+    numpy           the float64 reference (minimal_amkp.reference), forward only, on the CPU
+    torch_naive     the paper's order of operations, written here: materialise X ⊙ M̂_c
+                    (N, C, D, H, W), then GAP and the branch product; for kp the difference fa - fb
+    torch           minimal_amkp.ops on AMKP_BACKEND=torch: what training runs without the kernels
+    compile_*       torch.compile of that, modes "default" and "max-autotune-no-cudagraphs" (the
+                    bench captures every provider in a CUDA graph itself, or none)
+    triton          minimal_amkp.ops on AMKP_BACKEND=triton: the kernels exactly as training calls them
+    triton_unfused  (am_step only) ops.branch_logits + ops.kp_layer_loss on the kernels: the AM step
+                    without the fused backward, to show what folding the KP gradient into dX buys
+
+Ops, and what each pass times:
+    masked_cam   fwd: ops.cam under no_grad, the mining CAM pass; fwd+bwd: ops.branch_logits and
+                 its backward into x, w, b, the training use (logits only, no CAM written)
+    masked_gap   g(X̂_c) alone (kernels.masked_gap; no training op uses it, so no ops counterpart:
+                 torch is the batched matmul written here)
+    kp_distance  ops.kp_layer_loss; backward into fb only (N_A is frozen)
+    am_step      ops.am_step, the logits and the KP distance at X of one AM step (n/N = 1/8 erased
+                 images), and the backward of both into x, w, b
+Every provider of an op takes the same tensors, in the layout the bench was asked for (training on
+a GPU runs channels-last); `extra_bytes` says how much a provider materialises, so the bench can
+skip the ones that would not fit under --max-gb.
 """
 import importlib
 from dataclasses import dataclass
@@ -16,70 +29,84 @@ from typing import Callable
 import torch
 
 import kernels
+from minimal_amkp import ops
 from minimal_amkp import reference as R
-
 
 # The package attribute `kernels.masked_gap` is the function; the bytes models live in the modules.
 _MODEL = {name: importlib.import_module(f"kernels.{name}").bytes_moved
-          for name in ("masked_cam", "masked_gap", "kp_distance")}
+          for name in ("masked_cam", "masked_gap", "kp_distance", "am_step")}
+BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton", "compile": "torch"}
+COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def cam_naive(x, m, w, b):
+def cam_naive(x, m, w):
     x_hat = x[:, None] * m[:, :, None]  # (N, C, D, H, W)
-    h = torch.einsum("ncdhw,cd->nchw", x_hat, w)  # (N, C, H, W)
-    return h, (x_hat.mean((3, 4)) * w).sum(-1) + b  # (N, C)
+    return torch.einsum("ncdhw,cd->nchw", x_hat, w)  # (N, C, H, W)
 
 
-def cam_fused(x, m, w, b):
-    N, D, H, W = x.shape
-    h = torch.matmul(w, x.reshape(N, D, H * W)).reshape(m.shape) * m  # (N, C, H, W)
-    return h, h.mean((2, 3)) + b  # (N, C)
-
-
-def cam_numpy(x, m, w, b):
-    return R.cam(x, m, w), R.branch_logits(x, m, w, b)
+def logits_naive(x, m, w, b):
+    x_hat = x[:, None] * m[:, :, None]  # (N, C, D, H, W)
+    return (x_hat.mean((3, 4)) * w).sum(-1) + b  # (N, C)
 
 
 def gap_naive(x, m):
     return (x[:, None] * m[:, :, None]).mean((3, 4))  # (N, C, D)
 
 
-def gap_fused(x, m):
+def gap_torch(x, m):
     N, D, H, W = x.shape
     return torch.bmm(m.reshape(N, -1, H * W), x.reshape(N, D, H * W).transpose(1, 2)) / (H * W)
-
-
-def gap_numpy(x, m):
-    return R.gap(R.erase(x, m))
 
 
 def kp_naive(fa, fb):
     return ((fa - fb).mean((2, 3)) ** 2).sum() / fa.shape[0]
 
 
-def kp_fused(fa, fb):
-    return ((fa.mean((2, 3)) - fb.mean((2, 3))) ** 2).sum() / fa.shape[0]
+def n_erased(N):
+    return N // 8  # the paper's n/N = 0.125
+
+
+def step_naive(x, m, w, b, xa):
+    return logits_naive(x, m, w, b), kp_naive(xa, x[n_erased(x.shape[0]):])
+
+
+def step_ops(x, m, w, b, xa):
+    return ops.am_step(x, m, w, b, xa, n_erased(x.shape[0]))
+
+
+def step_unfused(x, m, w, b, xa):
+    n0 = n_erased(x.shape[0])
+    return ops.branch_logits(x, m, w, b), ops.kp_layer_loss(xa, x[n0:])
+
+
+def step_numpy(x, m, w, b, xa):
+    return R.branch_logits(x, m, w, b), R.kp_layer_loss(xa, x[n_erased(x.shape[0]):])
 
 
 @dataclass
 class Op:
     name: str
-    inputs: Callable  # (shape, dtype, device, generator) -> tensors; shape = (N, C, D, H, W)
+    inputs: Callable  # (shape, dtype, device, generator, memory_format) -> tensors; shape = (N, C, D, H, W)
     grad_inputs: tuple  # which inputs the fwd+bwd pass differentiates
-    providers: dict  # provider -> callable on the tensors
-    loss: Callable  # provider output -> scalar to backpropagate
+    forward: dict  # provider -> callable on the tensors, timed under no_grad
+    train: dict  # provider -> callable on the tensors whose output `loss` turns into a scalar
+    loss: Callable  # train output -> scalar to backpropagate
     bytes_moved: Callable  # (shape, itemsize, backward) -> bytes of the model
     extra_bytes: Callable  # (provider, shape, itemsize, backward) -> bytes it materialises
 
 
-def _masked_inputs(shape, dtype, device, gen, with_wb):
+def _masked_inputs(shape, dtype, device, gen, fmt, with_wb, with_xa=False):
     N, C, D, H, W = shape
-    x = torch.randn((N, D, H, W), generator=gen).to(device, dtype)
+    x = torch.randn((N, D, H, W), generator=gen).to(device, dtype, memory_format=fmt)
     m = (torch.rand((N, C, H, W), generator=gen) < 0.7).to(device, dtype)
     if not with_wb:
         return x, m
     w = torch.randn((C, D), generator=gen).to(device, dtype)
-    return x, m, w, torch.randn(C, generator=gen).to(device, dtype)
+    b = torch.randn(C, generator=gen).to(device, dtype)
+    if not with_xa:
+        return x, m, w, b
+    xa = torch.randn((N - n_erased(N), D, H, W), generator=gen).to(device, dtype, memory_format=fmt)
+    return x, m, w, b, xa
 
 
 def _materialised(shape, itemsize, backward):
@@ -98,42 +125,68 @@ def _kp_extra(provider, shape, itemsize, backward):
     return {"numpy": 2 * N * K * H * W * 8, "torch_naive": N * K * H * W * itemsize}.get(provider, 0)
 
 
+def _kp_inputs(s, dt, dev, g, fmt):
+    return tuple(torch.randn((s[0], s[2], s[3], s[4]), generator=g).to(dev, dt, memory_format=fmt)
+                 for _ in range(2))
+
+
 OPS = {
     "masked_cam": Op(
-        "masked_cam", lambda s, dt, dev, g: _masked_inputs(s, dt, dev, g, True), (0, 2, 3),
-        dict(numpy=cam_numpy, torch_naive=cam_naive, torch_fused=cam_fused,
-             triton=kernels.masked_cam_logits),
-        # Training backpropagates the logits; the CAM only feeds the (non-differentiable) mask update.
-        lambda out: out[1].float().sum(),
+        "masked_cam", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, True), (0, 2, 3),
+        dict(numpy=lambda x, m, w, b: R.cam(x, m, w), torch_naive=lambda x, m, w, b: cam_naive(x, m, w),
+             torch=lambda x, m, w, b: ops.cam(x, m, w)),
+        dict(torch_naive=logits_naive, torch=ops.branch_logits),
+        lambda out: out.float().sum(),
         lambda s, it, bwd: _MODEL["masked_cam"](*s, itemsize=it, backward=bwd),
         _masked_extra),
     "masked_gap": Op(
-        "masked_gap", lambda s, dt, dev, g: _masked_inputs(s, dt, dev, g, False), (0,),
-        dict(numpy=gap_numpy, torch_naive=gap_naive, torch_fused=gap_fused, triton=kernels.masked_gap),
+        "masked_gap", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, False), (0,),
+        dict(numpy=lambda x, m: R.gap(R.erase(x, m)), torch_naive=gap_naive, torch=gap_torch,
+             triton=kernels.masked_gap),
+        dict(torch_naive=gap_naive, torch=gap_torch, triton=kernels.masked_gap),
         lambda out: out.float().sum(),
         lambda s, it, bwd: _MODEL["masked_gap"](*s, itemsize=it, backward=bwd),
         _masked_extra),
     "kp_distance": Op(
-        "kp_distance",
-        lambda s, dt, dev, g: tuple(torch.randn((s[0], s[2], s[3], s[4]), generator=g).to(dev, dt)
-                                    for _ in range(2)),
+        "kp_distance", _kp_inputs,
         (1,),  # fa comes from the frozen N_A: only fb gets a gradient in training
-        dict(numpy=R.kp_layer_loss, torch_naive=kp_naive, torch_fused=kp_fused, triton=kernels.kp_distance),
+        dict(numpy=R.kp_layer_loss, torch_naive=kp_naive, torch=ops.kp_layer_loss),
+        dict(torch_naive=kp_naive, torch=ops.kp_layer_loss),
         lambda out: out.float(),
         lambda s, it, bwd: _MODEL["kp_distance"](s[0], s[2], s[3], s[4], itemsize=it, backward=bwd,
                                                  grads=1),
         _kp_extra),
+    "am_step": Op(
+        "am_step", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, True, True), (0, 2, 3),
+        dict(numpy=step_numpy, torch_naive=step_naive, torch=step_ops),
+        dict(torch_naive=step_naive, torch=step_ops, triton_unfused=step_unfused),
+        lambda out: out[0].float().sum() + out[1].float(),
+        lambda s, it, bwd: _MODEL["am_step"](*s, itemsize=it, backward=bwd),
+        lambda p, s, it, bwd: _masked_extra(p, s, it, bwd) + _kp_extra(p, s, it, bwd)),
 }
+for _op in OPS.values():  # the ops' torch entries are also what compile_* and triton run
+    _op.forward.setdefault("triton", _op.forward["torch"])
+    _op.train.setdefault("triton", _op.train["torch"])
+
+
+def providers(op, backward):
+    """Provider names of one pass, in table order."""
+    fns = op.train if backward else op.forward
+    names = [p for p in ("numpy", "torch_naive", "torch") if p in fns]
+    names += [f"compile_{m}" for m in COMPILE_MODES]
+    return names + [p for p in ("triton_unfused", "triton") if p in fns]
+
+
+def function(op, provider, backward):
+    """(callable, AMKP_BACKEND it needs or None): what one provider runs for one pass."""
+    fns = op.train if backward else op.forward
+    if provider.startswith("compile_"):
+        # Dynamo's recompile limit counts per Python function across all wrappers; start afresh.
+        torch._dynamo.reset()
+        return torch.compile(fns["torch"], mode=COMPILE_MODES[provider.removeprefix("compile_")],
+                             dynamic=False), "torch"
+    return fns[provider], BACKEND.get(provider)
 
 
 def as_numpy(tensors):
     return [t.detach().double().cpu().numpy() for t in tensors]
-
-
-def compiled(op, mode):
-    """torch.compile of the fused formulation; mode "default" or "max-autotune"."""
-    # Dynamo's recompile limit counts per Python function across all wrappers; start afresh.
-    torch._dynamo.reset()
-    return torch.compile(op.providers["torch_fused"], mode=None if mode == "default" else mode,
-                         dynamic=False)
-

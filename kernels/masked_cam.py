@@ -5,139 +5,317 @@
     x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,)
 
 Eq. (7) writes H_c = (X ⊙ M̂_c) w_c; the mask is constant along D, so it factors out of the sum:
-H_c = M_c ⊙ (W X)_c. `cam` is therefore the *masked* CAM, equal to reference.cam(x, m, w), and
-the logit is its spatial mean plus b_c (reference.branch_logits), so one product W X serves both.
-Each program owns one image and one HW-block, walks D in blocks, and issues tl.dot(w-tile,
-x-tile) for all C classes at once: x is read exactly once. When w needs a gradient, the same
-x-tile also feeds tl.dot(m-tile, x-tileᵀ), the per-block share of the masked GAP
-P[n, c, d] = g(X ⊙ M̂_c); it is kept for backward, where the logits path gives
-dw = sum_n dlogits[n, c] P[n, c, d] without reading x again.
+H_c = M_c ⊙ (X w)_c. `cam` is therefore the *masked* CAM, equal to reference.cam(x, m, w), and
+the logit is its spatial mean plus b_c (reference.branch_logits), so one product X w serves both.
+
+Tiles. Program (n, j, k) owns image n, pixel block j (BLOCK_HW pixels) and the k-th of SPLIT
+chunks of D, which it walks in BLOCK_D steps: acc (HW, C) += x-tile (HW × D) @ w-tileᵀ (D × C).
+In channels-last D is x's contiguous axis, in NCHW HW is; the strides say which, and Triton
+specialises a stride of 1, so the loads coalesce in both layouts without a copy. x is read once.
+SPLIT > 1 (small maps: D is split so that every SM still gets several programs) leaves each
+program a partial CAM in fp32, which _combine_kernel adds up in chunk order.
+Epilogue: every program writes its CAM rows' sums to (N, n_hw, C) partials, and
+launch.reduce_partials adds them in a fixed order, divides by HW and adds b: fp32 logits from
+kernels alone, deterministic, no atomics.
+
+Training (w needs a gradient, SAVE_P): the same x-tile also feeds tl.dot(m-tileᵀ, x-tile), the
+block's share P_j[n, c, d] = sum_hw m x of the masked GAP, so backward gets dw without reading
+x again. The P partials are N n_hw C D fp32 (2C / BLOCK_HW of x's bytes in bf16, C / BLOCK_HW
+in fp32), written only when w requires grad and counted in bytes_moved. The AM step
+(kernels.am_step) also asks for SAVE_G, the block's channel sums of x, for the KP distance at X.
 
 Backward, with g[n, c, hw] = m[n, c, hw] (dlogits[n, c] / HW + dcam[n, c, hw]):
-    dx[n, d, hw] = sum_c w[c, d] g[n, c, hw]       db[c] = sum_n dlogits[n, c]
-    dw[c, d]     = sum_n dlogits[n, c] P[n, c, d]            (no grad reaches cam)
-                 = sum_n sum_hw g[n, c, hw] x[n, d, hw]      (cam has a grad: x is re-read)
-Masks are binary erasure masks, constants of the attention-mining step: no gradient flows to m.
-
-Partial sums over HW-blocks go to per-program buffers that torch sums afterwards, so results do
-not depend on program order (no atomics). Bytes moved (the bench's model): forward reads x, m,
-w, b and writes logits and, if asked, cam; the logits-only backward reads m, w, dlogits and
-writes dx. The fp32 P partials (C / BLOCK_HW of x's size) are not counted.
+    dx[n, d, hw] = sum_c g[n, c, hw] w[c, d]  (+ kp[n, d]: the AM step's KP gradient, rank 1)
+    dw[c, d]     = sum_n dlogits[n, c] / HW sum_j P_j[n, c, d]     (no grad reaches cam)
+                 = sum_n sum_hw g[n, c, hw] x[n, d, hw]              (cam has a grad: x is re-read)
+    db[c]        = sum_n dlogits[n, c]
+dw and db come from one fixed-order reduction kernel. Masks are binary erasure masks,
+constants of the attention-mining step: no gradient flows to m.
 """
 from __future__ import annotations
 
+import math
+from collections import namedtuple
+
 import torch
 
-from .launch import check, check_same, empty, jit, next_pow2, tl, triton
+from . import launch
+from .launch import check, check_same, empty, empty_like, next_pow2, tl, triton
 
-BLOCK_D = 32  # channels per loop step
-BLOCK_HW = 128  # pixels per program; P partials cost C / BLOCK_HW of x's bytes
-NUM_WARPS = 4
-MAX_C = 128  # every program holds a (C, BLOCK_HW) accumulator
+MAX_C = 128  # every program holds a (BLOCK_HW, C) accumulator
+SPLIT = None  # D-chunks per (image, pixel block); None: _split decides (1 in the interpreter)
+# Smallest pixel block the autotuner may pick when the P partials are kept (training): each
+# block's partials cost 2C / BLOCK_HW of x's bf16 bytes, written once and read once, and the
+# tuner, which times the forward alone, would otherwise pick small blocks for their occupancy.
+TRAIN_BLOCK_HW = 128
+# (meta-parameters, warps, stages); the first is the only one the interpreter runs.
+SPACE = [({"BLOCK_HW": hw, "BLOCK_D": d}, w, s) for hw in (64, 128, 256, 32) for d in (32, 64)
+         for w, s in ((4, 2), (8, 3))]
+
+KEY = ["C", "D", "HW", "sxd", "SPLIT"]  # autotuning key; sxd: x's layout (1 in channels-last)
+Partials = namedtuple("Partials", "p g")  # what forward keeps: P and channel-sum partials
 
 
-def bytes_moved(N, C, D, H, W, itemsize=4, write_cam=True, backward=False):
-    """Minimum HBM traffic of the forward (or forward + logits-only backward) pass, in bytes."""
-    HW = H * W
-    fwd = (N * D * HW + N * C * HW + C * D + C + N * C + (N * C * HW if write_cam else 0))
-    bwd = N * C * HW + C * D + N * C + N * D * HW
-    return (fwd + bwd if backward else fwd) * itemsize
+def bytes_moved(N, C, D, H, W, itemsize=4, backward=False, block_hw=TRAIN_BLOCK_HW):
+    """HBM traffic in bytes of the CAM pass (forward: x, m, w, b in; cam, fp32 logits out), or
+    with backward=True of a training step on the logits alone: forward without cam but with the
+    fp32 P partials (at pixel block `block_hw`, the smallest training may pick: an upper
+    bound), backward reading them with m, w, dlogits and writing dx, dw, db."""
+    HW, n_hw = H * W, -(-H * W // block_hw)
+    params = (C * D + C) * itemsize
+    if not backward:
+        return (N * D * HW + 2 * N * C * HW) * itemsize + params + 4 * N * C
+    p_part = 4 * N * n_hw * C * D
+    fwd = (N * D * HW + N * C * HW) * itemsize + params + 4 * N * C + p_part
+    bwd = (N * C * HW + N * D * HW) * itemsize + 2 * params + 4 * N * C + p_part
+    return fwd + bwd
 
 
-@jit
+def _prune(configs, named_args, **kwargs):
+    # Tiles larger than the map or than D only add masked-off lanes; keep at least the first.
+    hw, d = next_pow2(named_args["HW"]), next_pow2(named_args["D"])
+    least = min(TRAIN_BLOCK_HW, hw) if kwargs.get("SAVE_P") else 0
+    fit = [c for c in configs if least <= c.kwargs["BLOCK_HW"] <= hw and c.kwargs["BLOCK_D"] <= d]
+    return fit or configs[:1]
+
+
+@launch.kernel(SPACE, KEY + ["WRITE_CAM", "SAVE_P", "SAVE_G"], _prune)
 def _cam_fwd_kernel(
-    x_ptr,  # (N, D, HW) features X, contiguous
-    m_ptr,  # (N, C, HW) masks M
-    w_ptr,  # (C, D) branch weights
-    cam_ptr,  # (N, C, HW) out: masked CAM; untouched unless WRITE_CAM
-    logit_part_ptr,  # (N, n_hw, C) fp32 out: this program's sum_hw of cam
-    p_part_ptr,  # (N, n_hw, C, D) fp32 out: this program's sum_hw m x; untouched unless SAVE_P
-    C, D, HW,  # sizes; blocks past them are masked off
+    x_ptr,  # (N, D, HW) features X, any layout whose pixels hw_stride walks
+    m_ptr,  # (N, C, HW) masks M, x's dtype
+    w_ptr,  # (C, D) branch weights, x's dtype
+    cam_ptr,  # (N, C, HW) contiguous out, x's dtype: masked CAM; written if WRITE_CAM and SPLIT == 1
+    hpart_ptr,  # (N, SPLIT, C, HW) fp32 out: this D-chunk's masked CAM; written if SPLIT > 1
+    lpart_ptr,  # (N, n_hw, C) fp32 out: sum_hw of this program's masked CAM; written if SPLIT == 1
+    ppart_ptr,  # (N, n_hw, C, D) fp32 out: sum_hw m x over this program's pixels; written if SAVE_P
+    gpart_ptr,  # (N - G0, n_hw, D) fp32 out: sum_hw x of images n >= G0; written if SAVE_G
+    C, D, HW, G0,  # sizes; G0: first image whose channel sums SAVE_G keeps
+    sxn, sxd, sxhw,  # x strides (channels-last: sxd == 1)
+    smn, smc, smhw,  # m strides
+    swc, swd,  # w strides
+    SPLIT: tl.constexpr,  # D-chunks: programs along grid axis 2
     BLOCK_C: tl.constexpr,  # >= C, power of two >= 16 (tl.dot minimum)
-    BLOCK_D: tl.constexpr,  # channels per loop step
     BLOCK_HW: tl.constexpr,  # pixels this program owns
-    WRITE_CAM: tl.constexpr,  # store cam
+    BLOCK_D: tl.constexpr,  # channels per loop step
+    WRITE_CAM: tl.constexpr,  # the CAM itself is wanted (else only logits)
     SAVE_P: tl.constexpr,  # store the masked-GAP partials for dw
+    SAVE_G: tl.constexpr,  # store the channel sums for the KP distance at X
+    UPCAST: tl.constexpr,  # interpreter: fp32 dot operands (it has no bf16 dot)
+    PRECISION: tl.constexpr,  # input precision of an fp32 tl.dot
 ):
-    n = tl.program_id(0).to(tl.int64)  # int64 so n * D * HW cannot overflow
+    n = tl.program_id(0).to(tl.int64)  # int64 so n * sxn cannot overflow
     j = tl.program_id(1)
+    k = tl.program_id(2)
     n_hw = tl.num_programs(1)
     c = tl.arange(0, BLOCK_C)
     hw = j * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_ok = c < C
     hw_ok = hw < HW
-    mt = tl.load(m_ptr + n * C * HW + c[:, None] * HW + hw[None, :],
-                 mask=c_ok[:, None] & hw_ok[None, :], other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    chunk = tl.cdiv(tl.cdiv(D, SPLIT), BLOCK_D) * BLOCK_D
+    d_end = tl.minimum(D, (k + 1) * chunk)
+    mt = tl.load(m_ptr + n * smn + hw[:, None] * smhw + c[None, :] * smc,
+                 mask=hw_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_HW, BLOCK_C)
+    if UPCAST:
+        mt = mt.to(tl.float32)
+    acc = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    for d0 in range(k * chunk, d_end, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        # fp32 tiles: bf16 values are exact in tf32, and the interpreter has no bf16 dot.
-        xt = tl.load(x_ptr + n * D * HW + d[:, None] * HW + hw[None, :],
-                     mask=d_ok[:, None] & hw_ok[None, :], other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + c[:, None] * D + d[None, :],
-                     mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(wt, xt)
+        d_ok = d < d_end
+        xt = tl.load(x_ptr + n * sxn + hw[:, None] * sxhw + d[None, :] * sxd,
+                     mask=hw_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_HW, BLOCK_D)
+        wt = tl.load(w_ptr + d[:, None] * swd + c[None, :] * swc,
+                     mask=d_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_C)
+        if UPCAST:
+            xt, wt = xt.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         if SAVE_P:
-            pt = tl.dot(mt, tl.trans(xt))  # (BLOCK_C, BLOCK_D)
-            tl.store(p_part_ptr + ((n * n_hw + j) * C + c[:, None]) * D + d[None, :], pt,
+            pt = tl.dot(tl.trans(mt), xt, input_precision=PRECISION)  # (BLOCK_C, BLOCK_D)
+            tl.store(ppart_ptr + ((n * n_hw + j) * C + c[:, None]) * D + d[None, :], pt,
                      mask=c_ok[:, None] & d_ok[None, :])
-    h = mt * acc  # masked CAM tile; padded rows and pixels are 0 because mt is
+        if SAVE_G:
+            if n >= G0:
+                tl.store(gpart_ptr + ((n - G0) * n_hw + j) * D + d,
+                         tl.sum(xt.to(tl.float32), axis=0), mask=d_ok)
+    h = mt.to(tl.float32) * acc  # masked CAM tile; padded rows and pixels are 0 because mt is
+    tile = c[None, :] * HW + hw[:, None]
+    ok = hw_ok[:, None] & c_ok[None, :]
+    if SPLIT == 1:
+        if WRITE_CAM:
+            tl.store(cam_ptr + n * C * HW + tile, h.to(cam_ptr.dtype.element_ty), mask=ok)
+        tl.store(lpart_ptr + (n * n_hw + j) * C + c, tl.sum(h, axis=0), mask=c_ok)
+    else:
+        tl.store(hpart_ptr + (n * SPLIT + k) * C * HW + tile, h, mask=ok)
+
+
+@launch.kernel([({"BLOCK_HW": 64}, 4, 2)])
+def _combine_kernel(
+    hpart_ptr,  # (N, SPLIT, C, HW) fp32 partial CAMs of the D-chunks
+    cam_ptr,  # (N, C, HW) contiguous out, the CAM's dtype; written if WRITE_CAM
+    lpart_ptr,  # (N, n_hw, C) fp32 out: sum_hw of the CAM over this program's pixels
+    C, HW,  # sizes
+    SPLIT: tl.constexpr,  # D-chunks to add, in order
+    BLOCK_C: tl.constexpr,  # >= C, power of two
+    BLOCK_HW: tl.constexpr,  # pixels this program owns
+    WRITE_CAM: tl.constexpr,  # store the CAM
+):
+    n = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    c = tl.arange(0, BLOCK_C)
+    hw = j * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    ok = (c[:, None] < C) & (hw[None, :] < HW)
+    tile = c[:, None] * HW + hw[None, :]
+    h = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    for k in range(SPLIT):
+        h += tl.load(hpart_ptr + (n * SPLIT + k) * C * HW + tile, mask=ok, other=0.0)
     if WRITE_CAM:
-        tl.store(cam_ptr + n * C * HW + c[:, None] * HW + hw[None, :],
-                 h.to(cam_ptr.dtype.element_ty), mask=c_ok[:, None] & hw_ok[None, :])
-    tl.store(logit_part_ptr + (n * n_hw + j) * C + c, tl.sum(h, axis=1), mask=c_ok)
+        tl.store(cam_ptr + n * C * HW + tile, h.to(cam_ptr.dtype.element_ty), mask=ok)
+    tl.store(lpart_ptr + (n * tl.num_programs(1) + j) * C + c, tl.sum(h, axis=1), mask=c < C)
 
 
-@jit
+@launch.kernel(SPACE, KEY + ["HAS_DCAM", "HAS_KP", "NEED_DW"], _prune)
 def _cam_bwd_kernel(
     x_ptr,  # (N, D, HW) features X; read only if NEED_DW
     m_ptr,  # (N, C, HW) masks M
     w_ptr,  # (C, D) branch weights; read only if NEED_DX
-    s_ptr,  # (N, C) fp32: dlogits / HW
-    dcam_ptr,  # (N, C, HW) upstream grad of cam; read only if HAS_DCAM
-    dx_ptr,  # (N, D, HW) out: dL/dx; untouched unless NEED_DX
-    dw_part_ptr,  # (N, n_hw, C, D) fp32 out: this program's sum_hw g xᵀ; untouched unless NEED_DW
-    C, D, HW,  # sizes; blocks past them are masked off
+    dl_ptr,  # (N, C) fp32 dlogits, contiguous; read only if HAS_DL
+    dcam_ptr,  # (N, C, HW) upstream grad of cam, any strides; read only if HAS_DCAM
+    kp_ptr,  # (N - KP0, D) fp32 KP row differences g(X_A) - g(X) of images n >= KP0; if HAS_KP
+    dk_ptr,  # (1,) fp32 upstream grad of the KP loss, read on device (no host sync); if HAS_KP
+    dx_ptr,  # (N, D, HW) out, x's dtype and layout: dL/dx; written if NEED_DX
+    dwpart_ptr,  # (N, n_hw, C, D) fp32 out: sum_hw g x over this program's pixels; if NEED_DW
+    C, D, HW, KP0,  # sizes; KP0: first image the KP term reaches
+    sxn, sxd, sxhw,  # x strides
+    smn, smc, smhw,  # m strides
+    swc, swd,  # w strides
+    sgn, sgc, sghw,  # dcam strides
+    sen, sed, sehw,  # dx strides
+    SPLIT: tl.constexpr,  # D-chunks: programs along grid axis 2
     BLOCK_C: tl.constexpr,  # >= C, power of two >= 16
-    BLOCK_D: tl.constexpr,  # channels per loop step
     BLOCK_HW: tl.constexpr,  # pixels this program owns
+    BLOCK_D: tl.constexpr,  # channels per loop step
+    HAS_DL: tl.constexpr,  # logits received a gradient
     HAS_DCAM: tl.constexpr,  # cam received a gradient
+    HAS_KP: tl.constexpr,  # add the KP gradient at X (the AM step)
     NEED_DX: tl.constexpr,  # write dx
     NEED_DW: tl.constexpr,  # write dw partials (only when HAS_DCAM; otherwise dw comes from P)
+    UPCAST: tl.constexpr,  # interpreter: fp32 dot operands
+    PRECISION: tl.constexpr,  # input precision of an fp32 tl.dot
 ):
     n = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
+    k = tl.program_id(2)
     n_hw = tl.num_programs(1)
     c = tl.arange(0, BLOCK_C)
     hw = j * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_ok = c < C
     hw_ok = hw < HW
-    tile = n * C * HW + c[:, None] * HW + hw[None, :]
-    mt = tl.load(m_ptr + tile, mask=c_ok[:, None] & hw_ok[None, :], other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + n * C + c, mask=c_ok, other=0.0)
-    g = mt * s[:, None]  # (BLOCK_C, BLOCK_HW)
+    ok = hw_ok[:, None] & c_ok[None, :]
+    mt = tl.load(m_ptr + n * smn + hw[:, None] * smhw + c[None, :] * smc, mask=ok,
+                 other=0.0).to(tl.float32)  # (BLOCK_HW, BLOCK_C)
+    g = tl.zeros((BLOCK_HW, BLOCK_C), dtype=tl.float32)
+    if HAS_DL:
+        g += tl.load(dl_ptr + n * C + c, mask=c_ok, other=0.0)[None, :] / HW
     if HAS_DCAM:
-        g += mt * tl.load(dcam_ptr + tile, mask=c_ok[:, None] & hw_ok[None, :],
-                          other=0.0).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+        g += tl.load(dcam_ptr + n * sgn + hw[:, None] * sghw + c[None, :] * sgc, mask=ok,
+                     other=0.0).to(tl.float32)
+    g = mt * g
+    # Compiled, the dot runs in the weights' dtype: g is rounded to bf16 like dx will be.
+    gd = g if UPCAST else g.to(w_ptr.dtype.element_ty)
+    if HAS_KP:
+        coef = -2.0 * tl.load(dk_ptr) / ((tl.num_programs(0) - KP0) * HW)
+    chunk = tl.cdiv(tl.cdiv(D, SPLIT), BLOCK_D) * BLOCK_D
+    d_end = tl.minimum(D, (k + 1) * chunk)
+    for d0 in range(k * chunk, d_end, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
+        d_ok = d < d_end
         if NEED_DX:
-            wt = tl.load(w_ptr + c[:, None] * D + d[None, :],
-                         mask=c_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            dxt = tl.dot(tl.trans(wt), g)  # (BLOCK_D, BLOCK_HW)
-            tl.store(dx_ptr + n * D * HW + d[:, None] * HW + hw[None, :],
-                     dxt.to(dx_ptr.dtype.element_ty), mask=d_ok[:, None] & hw_ok[None, :])
+            wt = tl.load(w_ptr + c[:, None] * swc + d[None, :] * swd,
+                         mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_C, BLOCK_D)
+            if UPCAST:
+                wt = wt.to(tl.float32)
+            dxt = tl.dot(gd, wt, input_precision=PRECISION)  # (BLOCK_HW, BLOCK_D)
+            if HAS_KP:
+                if n >= KP0:
+                    dxt += coef * tl.load(kp_ptr + (n - KP0) * D + d, mask=d_ok, other=0.0)[None, :]
+            tl.store(dx_ptr + n * sen + hw[:, None] * sehw + d[None, :] * sed,
+                     dxt.to(dx_ptr.dtype.element_ty), mask=hw_ok[:, None] & d_ok[None, :])
         if NEED_DW:
-            xt = tl.load(x_ptr + n * D * HW + d[:, None] * HW + hw[None, :],
-                         mask=d_ok[:, None] & hw_ok[None, :], other=0.0).to(tl.float32)
-            tl.store(dw_part_ptr + ((n * n_hw + j) * C + c[:, None]) * D + d[None, :],
-                     tl.dot(g, tl.trans(xt)), mask=c_ok[:, None] & d_ok[None, :])
+            xt = tl.load(x_ptr + n * sxn + hw[:, None] * sxhw + d[None, :] * sxd,
+                         mask=hw_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            tl.store(dwpart_ptr + ((n * n_hw + j) * C + c[:, None]) * D + d[None, :],
+                     tl.dot(tl.trans(g), xt, input_precision=PRECISION),
+                     mask=c_ok[:, None] & d_ok[None, :])
 
 
-def forward(x, m, w, b, write_cam=True, save_p=False):
-    """Check inputs and launch: -> (cam (N, C, H, W) or None, logits (N, C), P (N, C, D) fp32 or None)."""
+@launch.kernel([({"BLOCK_R": 32, "BLOCK_D": 64}, 4, 2)])
+def _dw_kernel(
+    part_ptr,  # (N, J, C, D) fp32 partials: P_j (WEIGHTED) or sum_hw g x; rows r = n * J + j
+    dl_ptr,  # (N, C) fp32 dlogits, contiguous; read if WEIGHTED or NEED_DB
+    dw_ptr,  # (C, D) out, contiguous, the weights' dtype; written if NEED_DW
+    db_ptr,  # (C,) out, the bias's dtype; written by the programs of axis-1 index 0 if NEED_DB
+    N, J, C, D,  # sizes
+    inv_hw,  # 1 / HW: P's weights are dlogits / HW
+    WEIGHTED: tl.constexpr,  # partials are P: weigh image n by dlogits[n, c] / HW
+    NEED_DW: tl.constexpr,  # write dw
+    NEED_DB: tl.constexpr,  # write db
+    BLOCK_R: tl.constexpr,  # partial rows per loop step
+    BLOCK_D: tl.constexpr,  # channels per program
+):
+    c = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    if NEED_DW:
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for r0 in range(0, N * J, BLOCK_R):  # fixed order and tree: deterministic
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_ok = r < N * J
+            t = tl.load(part_ptr + (r[:, None] * C + c) * D + d[None, :],
+                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            if WEIGHTED:
+                t *= tl.load(dl_ptr + (r // J) * C + c, mask=r_ok, other=0.0)[:, None] * inv_hw
+            acc += t
+        tl.store(dw_ptr + c * D + d, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=d_ok)
+    if NEED_DB:
+        if tl.program_id(1) == 0:
+            s = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_R):
+                i = n0 + tl.arange(0, BLOCK_R)
+                s += tl.load(dl_ptr + i * C + c, mask=i < N, other=0.0)
+            tl.store(db_ptr + c, tl.sum(s, axis=0).to(db_ptr.dtype.element_ty))
+
+
+def _split(N, D, HW, device):
+    """D-chunks per (image, pixel block): at least 2 programs per SM at 128-pixel blocks, chunks
+    of at least 128 channels. A guess, not tuned on a GPU: more chunks buy occupancy on small
+    maps (N = 32 at 16×16: 5) at 2C/D of x's bytes in fp32 CAM partials each, and the paper's
+    64×768×32×32 gets none."""
+    if SPLIT is not None:
+        return SPLIT
+    if launch.INTERPRET:
+        return 1
+    programs = N * triton.cdiv(HW, TRAIN_BLOCK_HW)
+    return max(1, min(triton.cdiv(2 * launch.sm_count(device), programs), D // 128))
+
+
+def _slots(kernel, HW, D, save_p=False):
+    """Pixel blocks per image for per-program buffers, sized for the smallest block a launch may pick."""
+    kept = _prune(kernel.candidates, {"HW": HW, "D": D}, SAVE_P=save_p)
+    return triton.cdiv(HW, min(c.kwargs["BLOCK_HW"] for c in kept))
+
+
+def _packed(buf, *shape):
+    # A launch that picked a larger pixel block wrote fewer slots, packed at the buffer's front.
+    return buf[:math.prod(shape)].view(shape)
+
+
+def _grid(N, HW, split):
+    return lambda meta: (N, triton.cdiv(HW, meta["BLOCK_HW"]), split)
+
+
+def forward(x, m, w, b, write_cam=True, save_p=False, save_g_from=None):
+    """Check inputs and launch -> (cam (N, C, H, W) in x's dtype or None, logits (N, C) fp32,
+    Partials: P (N, n_hw, C, D) fp32 if save_p, the channel sums of x (N - save_g_from, n_hw, D)
+    fp32 unless save_g_from is None)."""
     check("x", x, 4, "(N, D, H, W)")
     check("m", m, 4, "(N, C, H, W)")
     check("w", w, 2, "(C, D)")
@@ -155,43 +333,70 @@ def forward(x, m, w, b, write_cam=True, save_p=False):
         raise ValueError(f"b has shape {tuple(b.shape)}; expected (C,) = ({C},)")
     if C > MAX_C:
         raise ValueError(f"m has C = {C} classes; the kernel supports at most {MAX_C}")
-    HW = H * W
-    n_hw = triton.cdiv(HW, BLOCK_HW)
-    cam = empty((N, C, H, W), x.device, x.dtype) if write_cam else None
-    logit_part = empty((N, n_hw, C), x.device)
-    p_part = empty((N, n_hw, C, D), x.device) if save_p else None
-    # Pointers a constexpr flag switches off are never dereferenced; logit_part stands in.
-    _cam_fwd_kernel[(N, n_hw)](
-        x, m, w, cam if write_cam else logit_part, logit_part, p_part if save_p else logit_part,
-        C, D, HW, BLOCK_C=next_pow2(C), BLOCK_D=BLOCK_D, BLOCK_HW=BLOCK_HW,
-        WRITE_CAM=write_cam, SAVE_P=save_p, num_warps=NUM_WARPS)
-    logits = (logit_part.sum(1) / HW + b.float()).to(x.dtype)
-    return cam, logits, (p_part.sum(1) / HW if save_p else None)
+    HW, dev = H * W, x.device
+    split, slots = _split(N, D, HW, dev), _slots(_cam_fwd_kernel, HW, D, save_p)
+    g0 = N if save_g_from is None else save_g_from
+    cam = empty((N, C, H, W), dev, x.dtype) if write_cam else None
+    l_slots = max(slots, triton.cdiv(HW, _combine_kernel.configs[0].kwargs["BLOCK_HW"]))
+    lpart = empty((N * l_slots * C,), dev)
+    hpart = empty((N, split, C, HW), dev) if split > 1 else None
+    ppart = empty((N * slots * C * D,), dev) if save_p else None
+    gpart = empty(((N - g0) * slots * D,), dev) if g0 < N else None
+    # Pointers a constexpr flag switches off are never dereferenced; lpart stands in for them.
+    meta = _cam_fwd_kernel(
+        _grid(N, HW, split), x, m, w, *(lpart if t is None else t for t in (cam, hpart)), lpart,
+        *(lpart if t is None else t for t in (ppart, gpart)), C, D, HW, g0,
+        *launch.strides(x), *launch.strides(m), *w.stride(), SPLIT=split, BLOCK_C=next_pow2(C),
+        WRITE_CAM=write_cam, SAVE_P=save_p, SAVE_G=g0 < N, UPCAST=launch.INTERPRET,
+        PRECISION=launch.FP32_PRECISION)
+    n_hw = l_hw = triton.cdiv(HW, meta["BLOCK_HW"])
+    if split > 1:
+        meta = _combine_kernel(lambda meta: (N, triton.cdiv(HW, meta["BLOCK_HW"])), hpart,
+                               lpart if cam is None else cam, lpart, C, HW, SPLIT=split,
+                               BLOCK_C=next_pow2(C, 1), WRITE_CAM=write_cam)
+        l_hw = triton.cdiv(HW, meta["BLOCK_HW"])
+    logits = launch.reduce_partials(_packed(lpart, N, l_hw, C), 1.0 / HW, b)
+    return cam, logits, Partials(None if ppart is None else _packed(ppart, N, n_hw, C, D),
+                                 None if gpart is None else _packed(gpart, N - g0, n_hw, D))
 
 
-def backward(x, m, w, dlogits, dcam, need_dx, need_dw, p):
-    """(dx or None, dw fp32 or None) from the upstream grads; either grad may be None (unused)."""
+def backward(x, m, w, b, dlogits, dcam, needs, p, kp=None):
+    """(dx, dw, db), each None unless `needs` (three bools) asks for it. x is the forward's input,
+    or its launch.like when dcam is None (then only its shape and layout are used); dlogits
+    (N, C) and dcam (N, C, H, W) are upstream grads, not both None; p: forward's P partials
+    (needed when w needs a grad and dcam is None); kp: the AM step's (diff (N - n0, D) fp32,
+    dk 0-d tensor, n0) or None."""
+    need_dx, need_dw, need_db = needs
     N, D, H, W = x.shape
-    C, HW = m.shape[1], H * W
-    dl = torch.zeros((N, C), device=x.device) if dlogits is None else dlogits.float()
-    s = dl / HW
-    kernel_dw = need_dw and dcam is not None
-    n_hw = triton.cdiv(HW, BLOCK_HW)
-    dx = empty((N, D, H, W), x.device, x.dtype) if need_dx else None
-    dw_part = empty((N, n_hw, C, D), x.device) if kernel_dw else None
+    C, HW, dev = m.shape[1], H * W, m.device
+    dl = None if dlogits is None else dlogits.float().contiguous()
+    kernel_dw = need_dw and dcam is not None  # cam had a grad: dw from x, not from P
+    need_db = need_db and dl is not None
+    split, slots = _split(N, D, HW, dev), _slots(_cam_bwd_kernel, HW, D)
+    dx = empty_like(x, dev) if need_dx else None
+    part = empty((N * slots * C * D,), dev) if kernel_dw else p
     if need_dx or kernel_dw:
-        dcam = dcam.contiguous() if dcam is not None else None
-        # Pointers a constexpr flag switches off are never dereferenced; `s` stands in for them.
-        _cam_bwd_kernel[(N, n_hw)](
-            x, m, w, s, s if dcam is None else dcam, s if dx is None else dx,
-            s if dw_part is None else dw_part, C, D, HW, BLOCK_C=next_pow2(C),
-            BLOCK_D=BLOCK_D, BLOCK_HW=BLOCK_HW, HAS_DCAM=dcam is not None, NEED_DX=need_dx,
-            NEED_DW=kernel_dw, num_warps=NUM_WARPS)
-    if not need_dw:
-        return dx, None
-    if kernel_dw:
-        return dx, dw_part.sum((0, 1))
-    return dx, torch.einsum("nc,ncd->cd", dl, p)
+        g = m if dcam is None else dcam
+        kp0, diff, dk = (N, m, m) if kp is None else (kp[2], kp[0], kp[1].float().reshape(1))
+        # Pointers a constexpr flag switches off are never dereferenced; m stands in for them.
+        meta = _cam_bwd_kernel(
+            _grid(N, HW, split), x if kernel_dw else m, m, w, m if dl is None else dl, g, diff, dk,
+            m if dx is None else dx, part if kernel_dw else m, C, D, HW, kp0, *launch.strides(x),
+            *launch.strides(m), *w.stride(), *launch.strides(g), *launch.strides(x if dx is None else dx),
+            SPLIT=split, BLOCK_C=next_pow2(C), HAS_DL=dl is not None, HAS_DCAM=dcam is not None,
+            HAS_KP=kp is not None, NEED_DX=need_dx, NEED_DW=kernel_dw, UPCAST=launch.INTERPRET,
+            PRECISION=launch.FP32_PRECISION)
+        if kernel_dw:
+            part = _packed(part, N, triton.cdiv(HW, meta["BLOCK_HW"]), C, D)
+    if not (need_dw or need_db):
+        return dx, None, None
+    dw = empty((C, D), dev, w.dtype) if need_dw else None
+    db = empty((C,), dev, b.dtype) if need_db else None
+    _dw_kernel(lambda meta: (C, triton.cdiv(D, meta["BLOCK_D"])),
+               *(m if t is None else t for t in (part if need_dw else None, dl, dw, db)),
+               N, part.shape[1] if need_dw else 0, C, D, 1.0 / HW, WEIGHTED=not kernel_dw,
+               NEED_DW=need_dw, NEED_DB=need_db)
+    return dx, dw, db
 
 
 class MaskedCamLogits(torch.autograd.Function):
@@ -200,28 +405,33 @@ class MaskedCamLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, m, w, b, write_cam, save_p):
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: skip its work
-        cam, logits, p = forward(x, m, w, b, write_cam, save_p)
-        ctx.save_for_backward(x, m, w, p)
-        ctx.write_cam = write_cam
+        cam, logits, parts = forward(x, m, w, b, write_cam, save_p)
+        # x itself is re-read only for dw when cam gets a grad; otherwise keep only its layout.
+        ctx.save_for_backward(x if write_cam else None, m, w, b, parts.p)
+        ctx.x, ctx.write_cam = launch.like(x), write_cam
         return (cam, logits) if write_cam else logits
 
     @staticmethod
     def backward(ctx, *grads):
-        x, m, w, p = ctx.saved_tensors
+        x, m, w, b, p = ctx.saved_tensors
+        x = ctx.x if x is None else x
         dcam, dlogits = grads if ctx.write_cam else (None, grads[0])
-        need_dx, _, need_dw, need_db = ctx.needs_input_grad[:4]
         if dcam is None and dlogits is None:
             return None, None, None, None, None, None
-        dx, dw = backward(x, m, w, dlogits, dcam, need_dx, need_dw, p)
-        db = dlogits.sum(0) if need_db and dlogits is not None else None
-        return dx, None, (dw.to(w.dtype) if dw is not None else None), db, None, None
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        dx, dw, db = backward(x, m, w, b, dlogits, dcam, needs, p)
+        return dx, None, dw, db, None, None
+
+
+def save_p_for(w):
+    """Whether the forward must keep P: w will get a gradient (needs_input_grad ignores no_grad)."""
+    return torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad
 
 
 def masked_cam_logits(x, m, w, b, write_cam=True):
-    """x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,), one dtype (float32 or bfloat16) ->
-    (cam (N, C, H, W) = reference.cam, or None unless write_cam; logits (N, C) = reference.branch_logits)."""
-    # needs_input_grad ignores no_grad mode, so decide here whether dw's P is worth saving.
-    save_p = torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad
+    """x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,), one dtype (float32 or bfloat16), x in
+    NCHW or channels-last -> (cam (N, C, H, W) in x's dtype = reference.cam, or None unless
+    write_cam; logits (N, C) float32 = reference.branch_logits)."""
     if write_cam:
-        return MaskedCamLogits.apply(x, m, w, b, True, save_p)
-    return None, MaskedCamLogits.apply(x, m, w, b, False, save_p)
+        return MaskedCamLogits.apply(x, m, w, b, True, save_p_for(w))
+    return None, MaskedCamLogits.apply(x, m, w, b, False, save_p_for(w))

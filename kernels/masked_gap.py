@@ -5,8 +5,11 @@
 Eq. (1) erases X with every class mask, X̂_c = X ⊙ M̂_c, which materialises (N, C, D, H, W); eq. (2)
 only ever uses g(X̂_c), and the sum above is that GAP without the erased copies: per image it is
 the (C, HW) @ (HW, D) product m_n x_nᵀ / HW, done with tl.dot on (C, HW-block) x (HW-block, D-block)
-tiles. Backward is the adjoint, dx[n, d, hw] = (1 / HW) sum_c dP[n, c, d] m[n, c, hw]; masks are
-binary erasure masks, constants of the attention-mining step, so no gradient flows to m.
+tiles loaded through strides, so NCHW and channels-last x run the same code without a copy.
+Backward is the adjoint, dx[n, d, hw] = (1 / HW) sum_c dP[n, c, d] m[n, c, hw], written in x's
+layout; masks are binary erasure masks, constants of the attention-mining step, so no gradient
+flows to m. No training step uses this op (ops.branch_logits goes through masked_cam); it is
+the bench's and the tests' view of g(X̂_c) on its own.
 
 Bytes moved (the model the bench divides by): forward reads x and m and writes P; backward reads
 dP and m and writes dx. Masks are re-read once per D-block; they are C/D of x's size and stay in
@@ -16,11 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from .launch import check, check_same, empty, jit, next_pow2, tl, triton
+from . import launch
+from .launch import check, check_same, empty, empty_like, next_pow2, tl, triton
 
-BLOCK_D = 64  # channels per program (forward) and per loop step (backward)
-BLOCK_HW = 64  # pixels per loop step (forward) and per program (backward)
-NUM_WARPS = 4
+# (meta-parameters, warps, stages); the first is the only one the interpreter runs.
+SPACE = [({"BLOCK_HW": hw, "BLOCK_D": d}, w, s) for d in (64, 32, 128) for hw in (64, 32)
+         for w, s in ((4, 2), (8, 3))]
 
 
 def bytes_moved(N, C, D, H, W, itemsize=4, backward=False):
@@ -30,54 +34,66 @@ def bytes_moved(N, C, D, H, W, itemsize=4, backward=False):
     return fwd + bwd if backward else fwd
 
 
-@jit
+@launch.kernel(SPACE, ["C", "D", "HW", "sxd"])
 def _gap_fwd_kernel(
-    x_ptr,  # (N, D, HW) features X, contiguous
-    m_ptr,  # (N, C, HW) masks M, contiguous
-    p_ptr,  # (N, C, D) out: P = g(X ⊙ M_c)
+    x_ptr,  # (N, D, HW) features X, any layout whose pixels hw_stride walks
+    m_ptr,  # (N, C, HW) masks M, x's dtype
+    p_ptr,  # (N, C, D) out, contiguous, x's dtype: P = g(X ⊙ M_c)
     C, D, HW,  # sizes; blocks past them are masked off
+    sxn, sxd, sxhw,  # x strides (channels-last: sxd == 1)
+    smn, smc, smhw,  # m strides
     BLOCK_C: tl.constexpr,  # >= C, power of two >= 16 (tl.dot minimum)
     BLOCK_D: tl.constexpr,  # channels this program owns
     BLOCK_HW: tl.constexpr,  # pixels per loop step
+    UPCAST: tl.constexpr,  # interpreter: fp32 dot operands (it has no bf16 dot)
+    PRECISION: tl.constexpr,  # input precision of an fp32 tl.dot
 ):
-    n = tl.program_id(0).to(tl.int64)  # int64 so n * D * HW cannot overflow
+    n = tl.program_id(0).to(tl.int64)  # int64 so n * sxn cannot overflow
     c = tl.arange(0, BLOCK_C)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     for hw0 in range(0, HW, BLOCK_HW):
         hw = hw0 + tl.arange(0, BLOCK_HW)
-        mt = tl.load(m_ptr + n * C * HW + c[:, None] * HW + hw[None, :],
-                     mask=(c[:, None] < C) & (hw[None, :] < HW), other=0.0)
-        xt = tl.load(x_ptr + n * D * HW + d[:, None] * HW + hw[None, :],
-                     mask=(d[:, None] < D) & (hw[None, :] < HW), other=0.0)
-        # fp32 tiles: bf16 values are exact in tf32, and the interpreter has no bf16 dot.
-        acc += tl.dot(mt.to(tl.float32), tl.trans(xt.to(tl.float32)))
+        mt = tl.load(m_ptr + n * smn + c[:, None] * smc + hw[None, :] * smhw,
+                     mask=(c[:, None] < C) & (hw[None, :] < HW), other=0.0)  # (BLOCK_C, BLOCK_HW)
+        xt = tl.load(x_ptr + n * sxn + hw[:, None] * sxhw + d[None, :] * sxd,
+                     mask=(hw[:, None] < HW) & (d[None, :] < D), other=0.0)  # (BLOCK_HW, BLOCK_D)
+        if UPCAST:
+            mt, xt = mt.to(tl.float32), xt.to(tl.float32)
+        acc = tl.dot(mt, xt, acc, input_precision=PRECISION)
     tl.store(p_ptr + n * C * D + c[:, None] * D + d[None, :],
              (acc / HW).to(p_ptr.dtype.element_ty), mask=(c[:, None] < C) & (d[None, :] < D))
 
 
-@jit
+@launch.kernel(SPACE, ["C", "D", "HW", "sed"])
 def _gap_bwd_kernel(
-    dp_ptr,  # (N, C, D) upstream gradient dL/dP, contiguous
+    dp_ptr,  # (N, C, D) upstream gradient dL/dP, any strides
     m_ptr,  # (N, C, HW) masks M
-    dx_ptr,  # (N, D, HW) out: dL/dx
+    dx_ptr,  # (N, D, HW) out, x's dtype and layout: dL/dx
     C, D, HW,  # sizes; blocks past them are masked off
+    spn, spc, spd,  # dp strides
+    smn, smc, smhw,  # m strides
+    sen, sed, sehw,  # dx strides
     BLOCK_C: tl.constexpr,  # >= C, power of two >= 16
     BLOCK_D: tl.constexpr,  # channels per loop step
     BLOCK_HW: tl.constexpr,  # pixels this program owns
+    UPCAST: tl.constexpr,  # interpreter: fp32 dot operands
+    PRECISION: tl.constexpr,  # input precision of an fp32 tl.dot
 ):
     n = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
     hw = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-    mt = tl.load(m_ptr + n * C * HW + c[:, None] * HW + hw[None, :],
-                 mask=(c[:, None] < C) & (hw[None, :] < HW), other=0.0).to(tl.float32) / HW
+    mt = tl.load(m_ptr + n * smn + hw[:, None] * smhw + c[None, :] * smc,
+                 mask=(hw[:, None] < HW) & (c[None, :] < C), other=0.0)  # (BLOCK_HW, BLOCK_C)
+    mt = mt.to(tl.float32 if UPCAST else dx_ptr.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        dpt = tl.load(dp_ptr + n * C * D + c[:, None] * D + d[None, :],
-                      mask=(c[:, None] < C) & (d[None, :] < D), other=0.0).to(tl.float32)
-        dxt = tl.dot(tl.trans(dpt), mt)  # (BLOCK_D, BLOCK_HW)
-        tl.store(dx_ptr + n * D * HW + d[:, None] * HW + hw[None, :],
-                 dxt.to(dx_ptr.dtype.element_ty), mask=(d[:, None] < D) & (hw[None, :] < HW))
+        dpt = tl.load(dp_ptr + n * spn + c[:, None] * spc + d[None, :] * spd,
+                      mask=(c[:, None] < C) & (d[None, :] < D), other=0.0).to(mt.dtype)
+        # Masks are 0/1, exact in any dtype: the 1/HW scale comes after the dot, in fp32.
+        dxt = tl.dot(mt, dpt, input_precision=PRECISION) / HW  # (BLOCK_HW, BLOCK_D)
+        tl.store(dx_ptr + n * sen + hw[:, None] * sehw + d[None, :] * sed,
+                 dxt.to(dx_ptr.dtype.element_ty), mask=(hw[:, None] < HW) & (d[None, :] < D))
 
 
 def forward(x, m):
@@ -91,20 +107,19 @@ def forward(x, m):
         raise ValueError(f"m has shape {tuple(m.shape)} but x is {tuple(x.shape)}; "
                          f"expected m (N, C, H, W) = ({N}, C, {H}, {W})")
     p = empty((N, C, D), x.device, x.dtype)
-    _gap_fwd_kernel[(N, triton.cdiv(D, BLOCK_D))](
-        x, m, p, C, D, H * W, BLOCK_C=next_pow2(C), BLOCK_D=BLOCK_D, BLOCK_HW=BLOCK_HW,
-        num_warps=NUM_WARPS)
+    _gap_fwd_kernel(lambda meta: (N, triton.cdiv(D, meta["BLOCK_D"])), x, m, p, C, D, H * W,
+        *launch.strides(x), *launch.strides(m), BLOCK_C=next_pow2(C), UPCAST=launch.INTERPRET,
+        PRECISION=launch.FP32_PRECISION)
     return p
 
 
-def backward(dp, m, D):
-    """dx (N, D, H, W) from dp (N, C, D) and the forward's masks."""
+def backward(dp, m, x):
+    """dx from dp (N, C, D) and the forward's masks; x (real or launch.like) gives its shape and layout."""
     N, C, H, W = m.shape
-    dp = dp.contiguous()
-    dx = empty((N, D, H, W), m.device, m.dtype)
-    _gap_bwd_kernel[(N, triton.cdiv(H * W, BLOCK_HW))](
-        dp, m, dx, C, D, H * W, BLOCK_C=next_pow2(C), BLOCK_D=BLOCK_D, BLOCK_HW=BLOCK_HW,
-        num_warps=NUM_WARPS)
+    dx = empty_like(x, m.device)
+    _gap_bwd_kernel(lambda meta: (N, triton.cdiv(H * W, meta["BLOCK_HW"])), dp, m, dx, C, x.shape[1], H * W,
+        *dp.stride(), *launch.strides(m), *launch.strides(dx), BLOCK_C=next_pow2(C),
+        UPCAST=launch.INTERPRET, PRECISION=launch.FP32_PRECISION)
     return dx
 
 
@@ -114,15 +129,16 @@ class MaskedGap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, m):
         ctx.save_for_backward(m)
-        ctx.D = x.shape[1]
+        ctx.x = launch.like(x)
         return forward(x, m)
 
     @staticmethod
     def backward(ctx, dp):
         (m,) = ctx.saved_tensors
-        return (backward(dp, m, ctx.D) if ctx.needs_input_grad[0] else None), None
+        return (backward(dp, m, ctx.x) if ctx.needs_input_grad[0] else None), None
 
 
 def masked_gap(x, m):
-    """x (N, D, H, W), m (N, C, H, W), float32 or bfloat16 -> P (N, C, D) = mean_hw(x[n, d] m[n, c])."""
+    """x (N, D, H, W) in NCHW or channels-last, m (N, C, H, W), float32 or bfloat16 ->
+    P (N, C, D) in x's dtype = mean_hw(x[n, d] m[n, c])."""
     return MaskedGap.apply(x, m)

@@ -98,16 +98,18 @@ def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
     `model` is N_B or a callable running it (DDP); x (N, 1, S, S), y (N, 14), m (N, 14, h, w)
     -> (L, L_cls, L_KP or None).
     """
-    out = model(x, m)
-    l_cls = ops.classification_loss(out.logits, y)
     if kp != "full" or n_erased == x.shape[0]:
+        l_cls = ops.classification_loss(model(x, m).logits, y)
         return l_cls, l_cls, None
     with torch.no_grad():
         a = model_a(x)                  # the whole minibatch: the same batch-norm statistics as N_B
-    layers = [(a.penultimate, out.penultimate), (a.last, out.last), (a.logits, out.logits)]
-    if model_a.msa is not None:              # N_A is N_B's architecture; without MSA, X is X_k
-        layers.insert(2, (a.x, out.x))
-    l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers])
+    # The logits and the KP term at X come from one op (ops.am_step), so backward writes dX once.
+    out, l_kp_x = model(x, m, (a.x[n_erased:], n_erased))
+    l_cls = ops.classification_loss(out.logits, y)
+    layers = [(a.penultimate, out.penultimate), (a.logits, out.logits)]
+    if model_a.msa is not None:              # without MSA, X is X_k and l_kp_x is its term
+        layers.insert(1, (a.last, out.last))
+    l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers], [l_kp_x])
     return ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp
 
 

@@ -162,13 +162,20 @@ class ResNetMSA(nn.Module):
             x = stage(x)
         return x, self.stages[-1](x)
 
-    def forward(self, image, m=None):
-        """image (N, 1, S, S), masks m (N, C, h, w) or None (all ones) -> Outputs."""
+    def forward(self, image, m=None, kp_x=None):
+        """image (N, 1, S, S), masks m (N, C, h, w) or None (all ones) -> Outputs.
+
+        With kp_x = (N_A's X for the images n0.., n0) and masks, -> (Outputs, eq. (4) at X):
+        ops.am_step computes the logits and that KP term together (one dX in backward).
+        """
         x3, x4 = self.backbone(image)                                     # X_{k-1}, X_k
         x = x4 if self.msa is None else self.msa(x3, x4)                  # (N, D, h, w)
         if m is not None and (m.shape[:2] != (x.shape[0], self.fc.out_features) or m.shape[2:] != x.shape[2:]):
             raise ValueError(f"m must be (N, C, h, w) = ({x.shape[0]}, {self.fc.out_features}, "
                              f"{x.shape[2]}, {x.shape[3]}) for image {tuple(image.shape)}, got {tuple(m.shape)}")
+        if kp_x is not None:
+            logits, l_kp_x = ops.am_step(x, m, self.fc.weight, self.fc.bias, *kp_x)
+            return Outputs(x3, x4, x, logits), l_kp_x
         logits = ops.branch_logits(x, m, self.fc.weight, self.fc.bias)  # (N, C)
         return Outputs(x3, x4, x, logits)
 

@@ -12,6 +12,10 @@ are not differentiable; callers use the NumPy reference for them directly.
 `backend()` is the one dispatch point. Env AMKP_BACKEND = auto (default: the Triton kernels
 when the tensors are on CUDA and Triton imports), torch, or triton (force the kernels, e.g.
 on CPU under TRITON_INTERPRET=1).
+
+One dtype contract on both backends: logits and losses are float32 for float32 and bfloat16
+inputs (float64 stays float64, torch backend only), CAMs keep the features' dtype. The kernels
+take NCHW or channels-last features as they are (no copy); gradients come back in that layout.
 """
 import functools
 import os
@@ -23,13 +27,19 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 @functools.cache
-def _kernels():
+def _load_kernels():
+    """(the kernels package, "") or (None, why not): Triton missing, too old or broken."""
     try:
-        import triton  # noqa: F401  (the kernels need it at call time, not import time)
         import kernels
-    except ImportError:
-        return None
-    return kernels if hasattr(kernels, "masked_cam_logits") else None
+    except (ImportError, AttributeError) as e:  # a half-installed or foreign triton raises either
+        return None, f"{type(e).__name__}: {e}"
+    if kernels.launch.triton is None:
+        return None, kernels.launch.UNAVAILABLE
+    return kernels, ""
+
+
+def _kernels():
+    return _load_kernels()[0]
 
 
 def backend(*tensors):
@@ -38,21 +48,31 @@ def backend(*tensors):
     if name not in BACKENDS:
         raise ValueError(f"AMKP_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "triton" and _kernels() is None:
-        raise RuntimeError("AMKP_BACKEND=triton, but the kernels package or Triton cannot be imported")
+        why = _load_kernels()[1]
+        raise RuntimeError("AMKP_BACKEND=triton, but the kernels package or Triton cannot be imported"
+                           + (f" ({why})" if why else ""))
     if name == "auto":
         return "triton" if all(t.is_cuda for t in tensors) and _kernels() is not None else "torch"
     return name
 
 
 def _kernel_args(*tensors):
-    # The kernels take one dtype (float32 or bfloat16), contiguous: the features' dtype wins.
+    # The kernels take one dtype (float32 or bfloat16): the features' dtype wins. Feature maps
+    # keep their layout; only one whose H, W no single stride walks (rare) is made contiguous.
     dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.bfloat16) else torch.float32
-    return [t.to(dtype).contiguous() for t in tensors]
+    flat = _kernels().launch.hw_stride
+    return [t.to(dtype) if t.dim() != 4 or flat(t) is not None else t.to(dtype).contiguous()
+            for t in tensors]
 
 
 def _wide(t):
     # Reductions of bfloat16 activations (GPU autocast) run in float32; float64 stays float64.
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def _wide_gap(x):
+    # The mean of bfloat16 maps accumulated and returned in float32, without a float32 copy.
+    return x.mean(dim=(-2, -1), dtype=torch.float32) if x.dtype in (torch.bfloat16, torch.float16) else gap(x)
 
 
 def gap(x):
@@ -65,7 +85,7 @@ def cam(x, m, w):
     if backend(x, m, w) == "triton":
         x, m, w = _kernel_args(x, m, w)
         return _kernels().masked_cam_logits(x, m, w, torch.zeros_like(w[:, 0]), write_cam=True)[0]
-    return torch.einsum("ndhw,cd->nchw", x, w.to(x.dtype)) * m.to(x.dtype)
+    return (torch.einsum("ndhw,cd->nchw", x, w.to(x.dtype)) * m.to(x.dtype)).to(x.dtype)
 
 
 def branch_logits(x, m, w, b):
@@ -74,7 +94,7 @@ def branch_logits(x, m, w, b):
     m=None means all-ones masks, where the identity reduces to w_cᵀ g(X) + b_c.
     """
     if m is None:
-        return F.linear(gap(x), w.to(x.dtype), b.to(x.dtype))
+        return _wide(F.linear(gap(x), w.to(x.dtype), b.to(x.dtype)))
     if backend(x, m, w, b) == "triton":
         x, m, w, b = _kernel_args(x, m, w, b)
         return _kernels().masked_cam_logits(x, m, w, b, write_cam=False)[1]
@@ -85,6 +105,20 @@ def branch_losses(logits, y):
     """Eq. (2): L_c = (1/N) Σ_n BCE(σ(z_nc), y_nc). logits (N, C), y (N, C) -> (C,)."""
     z = _wide(logits)
     return F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").mean(dim=0)
+
+
+def am_step(x, m, w, b, xa, n0):
+    """X's two consumers in an AM step, eq. (2) and (4) at X: (branch_logits(x, m, w, b),
+    kp_layer_loss(xa, x[n0:])). x (N, D, H, W) is N_B's X, xa (N − n0, D, H, W) N_A's X for the
+    whole images n >= n0 (no gradient), m (N, C, H, W), w (C, D), b (C,) -> ((N, C), scalar).
+
+    The Triton backend reads X once for both and its backward writes dX once, the KP gradient
+    added inside the dX tile; the torch backend is the two ops, and autograd sums two dX.
+    """
+    if backend(x, m, w, b, xa) == "triton":
+        x, m, w, b, xa = _kernel_args(x, m, w, b, xa)
+        return _kernels().am_step(x, m, w, b, xa, n0)
+    return branch_logits(x, m, w, b), kp_layer_loss(xa, x[n0:])
 
 
 def classification_loss(logits, y):
@@ -98,19 +132,19 @@ def kp_layer_loss(fa, fb):
         raise ValueError(f"fa and fb must share one shape (N-n, K, H, W) or (N-n, K), "
                          f"got {tuple(fa.shape)} and {tuple(fb.shape)}")
     if fa.dim() == 4 and backend(fa, fb) == "triton":
-        fa, fb = _kernel_args(fa, fb)
-        return _wide(_kernels().kp_distance(fa, fb))
-    ga = gap(fa) if fa.dim() == 4 else fa                          # (N−n, K)
-    gb = gap(fb) if fb.dim() == 4 else fb                          # (N−n, K)
-    return ((_wide(ga) - _wide(gb)) ** 2).sum() / fa.shape[0]
+        return _kernels().kp_distance(*_kernel_args(fa, fb))
+    ga = _wide(_wide_gap(fa) if fa.dim() == 4 else fa)             # (N−n, K)
+    gb = _wide(_wide_gap(fb) if fb.dim() == 4 else fb)             # (N−n, K)
+    return ((ga - gb) ** 2).sum() / fa.shape[0]
 
 
-def kp_loss(pairs):
-    """Eq. (5): L_KP = (1/|K|) Σ_k L_k over (fa, fb) layer pairs."""
-    pairs = list(pairs)
-    if not pairs:
+def kp_loss(pairs, losses=()):
+    """Eq. (5): L_KP = (1/|K|) Σ_k L_k over (fa, fb) layer pairs and already computed L_k
+    (`losses`, e.g. the KP distance at X from am_step)."""
+    terms = [kp_layer_loss(fa, fb) for fa, fb in pairs] + list(losses)
+    if not terms:
         raise ValueError("pairs: need at least one (fa, fb) layer pair, got an empty list")
-    return torch.stack([kp_layer_loss(fa, fb) for fa, fb in pairs]).mean()
+    return torch.stack(terms).mean()
 
 
 def total_loss(l_cls, l_kp, lam=0.5):

@@ -4,7 +4,10 @@ Tolerances live here, in one table. Every check is |got - want| <= TOL * scale e
 where `want` is the float64 reference on the very inputs the kernel saw (bf16 inputs are
 rounded first, so only the kernel's own rounding counts) and `scale` is the same math on
 absolute values (inputs and upstream gradients), which bounds the rounding error of a sum
-of products term by term; an all-zero mask gives scale 0 and demands an exact 0.
+of products term by term; an all-zero mask gives scale 0 and demands an exact 0. The
+tolerance is that of the output's dtype: float32 logits and losses of bf16 inputs are held
+to float32's (products of bf16 values are exact in fp32), so a result rounded through bf16
+on the way fails.
 """
 import contextlib
 import importlib
@@ -46,6 +49,32 @@ def poison_outputs():
 
 
 @contextlib.contextmanager
+def tiles(*kernels, **meta):
+    """Run each launch.Kernel with these meta-parameters (those it takes) as its one config;
+    tiny tiles make tiny shapes loop. Compiled on a GPU the autotuner's configs run instead."""
+    with contextlib.ExitStack() as stack:
+        for k in kernels:
+            own = k.configs[0].kwargs
+            cfg = launch.configs([({n: meta.get(n, v) for n, v in own.items()}, 4, 2)])
+            stack.enter_context(patched(k, configs=cfg, candidates=cfg))
+        yield
+
+
+@contextlib.contextmanager
+def launches():
+    """Record every kernel launch as (launch.Kernel, its tensor arguments), in order."""
+    seen = []
+    real = launch.Kernel.__call__
+
+    def spy(self, grid, *args, **kwargs):
+        seen.append((self, [a for a in args if isinstance(a, torch.Tensor)]))
+        return real(self, grid, *args, **kwargs)
+
+    with patched(launch.Kernel, __call__=spy):
+        yield seen
+
+
+@contextlib.contextmanager
 def patched(mod, **values):
     """Set module constants (block sizes) for the duration; tiny blocks make tiny shapes loop."""
     old = {k: getattr(mod, k) for k in values}
@@ -58,9 +87,20 @@ def patched(mod, **values):
             setattr(mod, k, v)
 
 
-def tensor(a, dtype, requires_grad=False):
-    """NumPy array -> kernel input on DEVICE in `dtype`."""
-    return torch.tensor(a, dtype=dtype, device=DEVICE).requires_grad_(requires_grad)
+def tensor(a, dtype, requires_grad=False, channels_last=False):
+    """NumPy array -> kernel input on DEVICE in `dtype`, NCHW or (4-D only) channels-last."""
+    t = torch.tensor(a, dtype=dtype, device=DEVICE)
+    if channels_last:
+        t = t.to(memory_format=torch.channels_last)
+    return t.requires_grad_(requires_grad)
+
+
+def same_layout(name, got, like):
+    """A gradient comes back in its input's layout: the same strides (along axes longer than 1,
+    where strides mean something), so no copy was needed."""
+    def real(t):
+        return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+    assert real(got) == real(like), f"{name}: strides {got.stride()}, input has {like.stride()}"
 
 
 def as64(t):

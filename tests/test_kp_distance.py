@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, module, patched,
-                            poison_outputs, raises_one_line, tensor)  # noqa: F401 (fixture)
+                            poison_outputs, raises_one_line, same_layout, tensor)  # noqa: F401 (fixture)
 from kernels import kp_distance, launch
 from minimal_amkp import reference as R
 
@@ -25,38 +25,41 @@ def kp64(fa, fb):
 @SETTINGS
 @given(n=st.integers(1, 4), k=st.integers(1, 40), h=st.integers(1, 7), w=st.integers(1, 7),
        maps=st.sampled_from(["random", "equal", "constant"]), small=st.booleans(),
-       dtype=st.sampled_from(DTYPES), wrt=st.sampled_from(["ab", "b", "a", ""]),
-       seed=st.integers(0, 2**32 - 1))
-@example(n=1, k=1, h=1, w=1, maps="random", small=True, dtype=torch.float32, wrt="ab", seed=0)
-@example(n=3, k=17, h=1, w=37, maps="random", small=True, dtype=torch.float32, wrt="ab", seed=1)
-@example(n=2, k=5, h=3, w=3, maps="equal", small=False, dtype=torch.float32, wrt="b", seed=2)
-def test_kp_distance_and_gradients_match_reference(n, k, h, w, maps, small, dtype, wrt, seed):
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(["nchw", "channels_last", "mixed"]),
+       wrt=st.sampled_from(["ab", "b", "a", ""]), seed=st.integers(0, 2**32 - 1))
+@example(n=1, k=1, h=1, w=1, maps="random", small=True, dtype=torch.float32, layout="nchw", wrt="ab", seed=0)
+@example(n=3, k=17, h=1, w=37, maps="random", small=True, dtype=torch.float32, layout="channels_last",
+         wrt="ab", seed=1)
+@example(n=2, k=5, h=3, w=3, maps="equal", small=False, dtype=torch.float32, layout="mixed", wrt="b", seed=2)
+def test_kp_distance_and_gradients_match_reference(n, k, h, w, maps, small, dtype, layout, wrt, seed):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(n, k, h, w))
     b = {"random": lambda: rng.normal(size=a.shape), "equal": lambda: a,
          "constant": lambda: np.full(a.shape, 0.5)}[maps]()
     if maps == "constant":
         a = np.broadcast_to(rng.normal(size=(n, k, 1, 1)), a.shape)
-    fa, fb = tensor(a, dtype, "a" in wrt), tensor(b, dtype, "b" in wrt)
+    fa = tensor(a, dtype, "a" in wrt, channels_last=layout == "channels_last")
+    fb = tensor(b, dtype, "b" in wrt, channels_last=layout != "nchw")
     a64, b64 = as64(fa), as64(fb)
     assert float(kp64(torch.tensor(a64), torch.tensor(b64))) == pytest.approx(R.kp_layer_loss(a64, b64),
                                                                               rel=1e-12, abs=1e-300)
     # The loss's rounding error is bounded by the same sum with |fa| and -|fb|: no cancellation.
     with patched(KP, **(SMALL if small else {})):
         loss = kp_distance(fa, fb)
-        assert loss.shape == () and loss.dtype == dtype
+        assert loss.shape == () and loss.dtype == torch.float32
         assert_close("loss", as64(loss), R.kp_layer_loss(a64, b64),
-                     R.kp_layer_loss(abs(a64), -abs(b64)), dtype)
+                     R.kp_layer_loss(abs(a64), -abs(b64)), torch.float32)
         if not wrt:
             return
-        dl = tensor(rng.normal(), dtype)
+        dl = tensor(rng.normal(), torch.float32)
         leaves = [t for t in (fa, fb) if t.requires_grad]
         got = dict(zip([c for c in "ab" if c in wrt], torch.autograd.grad(loss, leaves, dl)))
     want = grad64(kp64, [a64, b64], [as64(dl)])
     scale = grad64(kp64, [abs(a64), -abs(b64)], [abs(as64(dl))])
-    for i, c in enumerate("ab"):
+    for i, (c, like) in enumerate(zip("ab", (fa, fb))):
         if c in got:
             assert got[c].dtype == dtype
+            same_layout(f"df{c}", got[c], like)
             assert_close(f"df{c}", as64(got[c]), want[i], scale[i], dtype)
 
 
@@ -82,7 +85,8 @@ def _valid():
     ("fa", lambda t: t.double(), TypeError, r"^fa must be float32 or bfloat16, got torch.float64$"),
     ("fb", lambda t: t.bfloat16(), TypeError,
      r"^fb is torch.bfloat16 but fa is torch.float32; pass one dtype$"),
-    ("fb", lambda t: t.transpose(0, 1), ValueError, r"^fb must be contiguous, got strides"),
+    ("fb", lambda t: t.transpose(2, 3), ValueError,
+     r"^fb must walk H and W with one stride \(NCHW or channels-last\), got strides"),
     ("fb", lambda t: t.to("meta"), ValueError, r"^fb is on meta but fa is on "),
     ("fa", lambda t: [1.0], TypeError, r"^fa must be a torch.Tensor \(N, K, H, W\), got list$"),
 ])

@@ -3,21 +3,32 @@
 Gradients are checked against float64 torch autograd of the same math, written as one einsum;
 that expression's values are first checked against the reference itself.
 """
+import contextlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, masks, module,
-                            patched, poison_outputs, raises_one_line, tensor)  # noqa: F401 (fixture)
+                            launches, patched, poison_outputs, raises_one_line, same_layout,
+                            tensor, tiles)  # noqa: F401 (fixture)
 from kernels import launch, masked_cam_logits
 from minimal_amkp import reference as R
 
 MC = module("masked_cam")
-SMALL = dict(BLOCK_D=16, BLOCK_HW=16)
+KERNELS = (MC._cam_fwd_kernel, MC._cam_bwd_kernel, MC._combine_kernel, MC._dw_kernel)
+TILINGS = {"default": {}, "small": dict(BLOCK_D=16, BLOCK_HW=16),
+           "split": dict(BLOCK_D=16, BLOCK_HW=16, SPLIT=3)}  # D in 3 chunks + the combine kernel
+
+
+@contextlib.contextmanager
+def tiling(name):
+    meta = dict(TILINGS[name])
+    with patched(MC, SPLIT=meta.pop("SPLIT", None)), tiles(*KERNELS, **meta):
+        yield
 
 
 def cam_logits64(m):
@@ -28,21 +39,27 @@ def cam_logits64(m):
     return f
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=25)  # each example runs ~6 launches in the interpreter
 @given(n=st.integers(1, 3), d=st.integers(1, 40), h=st.integers(1, 6), w=st.integers(1, 6),
-       c=st.integers(1, 14), mask=st.sampled_from(["random", "zeros", "ones"]), small=st.booleans(),
-       dtype=st.sampled_from(DTYPES), outputs=st.sampled_from(["both", "logits", "cam", "no_cam"]),
+       c=st.integers(1, 32), mask=st.sampled_from(["random", "zeros", "ones"]),
+       tile=st.sampled_from(list(TILINGS)), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(["nchw", "channels_last"]),
+       outputs=st.sampled_from(["both", "logits", "cam", "no_cam"]),
        wrt=st.sampled_from(["xwb", "x", "wb", ""]), seed=st.integers(0, 2**32 - 1))
-@example(n=1, d=17, h=1, w=13, c=1, mask="zeros", small=True, dtype=torch.float32, outputs="both",
-         wrt="xwb", seed=0)
-@example(n=2, d=40, h=1, w=37, c=14, mask="ones", small=True, dtype=torch.float32, outputs="cam",
-         wrt="xwb", seed=1)
-@example(n=3, d=5, h=7, w=1, c=8, mask="random", small=False, dtype=torch.float32, outputs="logits",
-         wrt="wb", seed=2)
-def test_cam_logits_and_gradients_match_reference(n, d, h, w, c, mask, small, dtype, outputs, wrt, seed):
+@example(n=1, d=17, h=1, w=13, c=1, mask="zeros", tile="small", dtype=torch.float32, layout="nchw",
+         outputs="both", wrt="xwb", seed=0)
+@example(n=2, d=40, h=1, w=37, c=14, mask="ones", tile="split", dtype=torch.float32,
+         layout="channels_last", outputs="cam", wrt="xwb", seed=1)
+@example(n=3, d=5, h=7, w=1, c=8, mask="random", tile="default", dtype=torch.float32,
+         layout="nchw", outputs="logits", wrt="wb", seed=2)
+@example(n=2, d=33, h=5, w=4, c=32, mask="random", tile="split", dtype=torch.bfloat16,
+         layout="channels_last", outputs="both", wrt="xwb", seed=3)
+def test_cam_logits_and_gradients_match_reference(n, d, h, w, c, mask, tile, dtype, layout, outputs,
+                                                  wrt, seed):
     rng = np.random.default_rng(seed)
-    x = tensor(rng.normal(size=(n, d, h, w)), dtype, "x" in wrt)
-    m = tensor(masks(rng, mask, (n, c, h, w)), dtype)
+    cl = layout == "channels_last"
+    x = tensor(rng.normal(size=(n, d, h, w)), dtype, "x" in wrt, channels_last=cl)
+    m = tensor(masks(rng, mask, (n, c, h, w)), dtype, channels_last=cl and seed % 2 == 0)
     wc = tensor(rng.normal(size=(c, d)), dtype, "w" in wrt)
     b = tensor(rng.normal(size=c), dtype, "b" in wrt)
     x64, m64, w64, b64 = map(as64, (x, m, wc, b))
@@ -51,20 +68,21 @@ def test_cam_logits_and_gradients_match_reference(n, d, h, w, c, mask, small, dt
     np.testing.assert_allclose(h64.numpy(), R.cam(x64, m64, w64), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(z64.numpy(), R.branch_logits(x64, m64, w64, b64), rtol=1e-12, atol=1e-12)
 
-    with patched(MC, **(SMALL if small else {})):
+    with tiling(tile):
         cam, logits = masked_cam_logits(x, m, wc, b, write_cam=outputs != "no_cam")
-        assert logits.dtype == dtype and logits.shape == (n, c)
+        assert logits.dtype == torch.float32 and logits.shape == (n, c)
         if outputs == "no_cam":
             assert cam is None
         else:
             assert cam.dtype == dtype
             assert_close("cam", as64(cam), R.cam(x64, m64, w64), R.cam(abs(x64), m64, abs(w64)), dtype)
         assert_close("logits", as64(logits), R.branch_logits(x64, m64, w64, b64),
-                     R.branch_logits(abs(x64), m64, abs(w64), abs(b64)), dtype)
+                     R.branch_logits(abs(x64), m64, abs(w64), abs(b64)), torch.float32)
         if not wrt:
             return
-        dcam = tensor(rng.normal(size=(n, c, h, w)), dtype) if outputs in ("both", "cam") else None
-        dz = tensor(rng.normal(size=(n, c)), dtype) if outputs != "cam" else None
+        dcam = tensor(rng.normal(size=(n, c, h, w)), dtype, channels_last=cl) \
+            if outputs in ("both", "cam") else None
+        dz = tensor(rng.normal(size=(n, c)), torch.float32) if outputs != "cam" else None
         outs = [t for t, g in ((cam, dcam), (logits, dz)) if g is not None]
         ups = [g for g in (dcam, dz) if g is not None]
         leaves = [t for t in (x, wc, b) if t.requires_grad]
@@ -81,6 +99,8 @@ def test_cam_logits_and_gradients_match_reference(n, d, h, w, c, mask, small, dt
     for name, g in zip([k for k in "xwb" if k in wrt], got):
         assert g is None or g.dtype == dtype
         assert_close(f"d{name}", as64(g), *wanted[name], dtype)
+        if name == "x":
+            same_layout("dx", g, x)
 
 
 def test_results_are_bitwise_reproducible():
@@ -89,13 +109,27 @@ def test_results_are_bitwise_reproducible():
     m = tensor(masks(rng, "random", (2, 3, 5, 7)), torch.float32)
     w = tensor(rng.normal(size=(3, 20)), torch.float32, True)
     b = tensor(rng.normal(size=3), torch.float32, True)
-    with patched(MC, **SMALL):
+    with tiling("split"):
         runs = []
         for _ in range(2):
             cam, z = masked_cam_logits(x, m, w, b)
             runs.append([cam, z, *torch.autograd.grad((cam.sum(), z.sum()), (x, w, b))])
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
+
+
+def test_channels_last_x_is_read_in_place_and_dx_keeps_its_layout():
+    """The kernel gets x itself (its data pointer and strides, not a contiguous copy's)."""
+    rng = np.random.default_rng(1)
+    x = tensor(rng.normal(size=(2, 20, 5, 7)), torch.float32, True, channels_last=True)
+    m = tensor(masks(rng, "random", (2, 3, 5, 7)), torch.float32)
+    w, b = tensor(rng.normal(size=(3, 20)), torch.float32), tensor(rng.normal(size=3), torch.float32)
+    with launches() as seen:
+        _, z = masked_cam_logits(x, m, w, b, write_cam=False)
+    kernel, args = seen[0]
+    assert kernel is MC._cam_fwd_kernel and args[0].data_ptr() == x.data_ptr() and args[0].stride() == x.stride()
+    (dx,) = torch.autograd.grad(z.sum(), x)
+    same_layout("dx", dx, x)
 
 
 def _valid():
@@ -114,7 +148,8 @@ def _valid():
     ("b", lambda t: t[:2], ValueError, r"^b has shape \(2,\); expected \(C,\) = \(3,\)$"),
     ("x", lambda t: t.long(), TypeError, r"^x must be float32 or bfloat16, got torch.int64$"),
     ("w", lambda t: t.bfloat16(), TypeError, r"^w is torch.bfloat16 but x is torch.float32; pass one dtype$"),
-    ("x", lambda t: t.transpose(2, 3), ValueError, r"^x must be contiguous, got strides"),
+    ("x", lambda t: t.transpose(2, 3), ValueError,
+     r"^x must walk H and W with one stride \(NCHW or channels-last\), got strides \(60, 15, 1, 5\)"),
     ("b", lambda t: t.to("meta"), ValueError, r"^b is on meta but x is on "),
     ("x", lambda t: t.cpu().numpy(), TypeError, r"^x must be a torch.Tensor \(N, D, H, W\), got ndarray$"),
     ("x", lambda t: t[:0], ValueError, r"^x must be non-empty, got shape \(0, 4, 3, 5\)$"),

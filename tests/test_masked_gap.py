@@ -9,12 +9,12 @@ import torch
 from hypothesis import example, given, strategies as st
 
 from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, masks, module,
-                            patched, poison_outputs, raises_one_line, tensor)  # noqa: F401 (fixture)
+                            poison_outputs, raises_one_line, same_layout, tensor,
+                            tiles)  # noqa: F401 (fixture)
 from kernels import launch, masked_gap
 from minimal_amkp import reference as R
 
 MG = module("masked_gap")
-SMALL = dict(BLOCK_D=16, BLOCK_HW=16)
 
 
 def gap64(m):
@@ -24,19 +24,24 @@ def gap64(m):
 
 @SETTINGS
 @given(n=st.integers(1, 3), d=st.integers(1, 40), h=st.integers(1, 6), w=st.integers(1, 6),
-       c=st.integers(1, 14), mask=st.sampled_from(["random", "zeros", "ones"]), small=st.booleans(),
-       dtype=st.sampled_from(DTYPES), grad=st.booleans(), seed=st.integers(0, 2**32 - 1))
-@example(n=1, d=17, h=1, w=13, c=1, mask="zeros", small=True, dtype=torch.float32, grad=True, seed=0)
-@example(n=2, d=40, h=1, w=37, c=14, mask="ones", small=True, dtype=torch.float32, grad=True, seed=1)
-def test_masked_gap_and_gradient_match_reference(n, d, h, w, c, mask, small, dtype, grad, seed):
+       c=st.integers(1, 32), mask=st.sampled_from(["random", "zeros", "ones"]), small=st.booleans(),
+       dtype=st.sampled_from(DTYPES), channels_last=st.booleans(), grad=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+@example(n=1, d=17, h=1, w=13, c=1, mask="zeros", small=True, dtype=torch.float32, channels_last=False,
+         grad=True, seed=0)
+@example(n=2, d=40, h=1, w=37, c=14, mask="ones", small=True, dtype=torch.float32, channels_last=True,
+         grad=True, seed=1)
+@example(n=2, d=33, h=3, w=5, c=32, mask="random", small=True, dtype=torch.bfloat16, channels_last=True,
+         grad=True, seed=2)
+def test_masked_gap_and_gradient_match_reference(n, d, h, w, c, mask, small, dtype, channels_last, grad, seed):
     rng = np.random.default_rng(seed)
-    x = tensor(rng.normal(size=(n, d, h, w)), dtype, grad)
+    x = tensor(rng.normal(size=(n, d, h, w)), dtype, grad, channels_last)
     m = tensor(masks(rng, mask, (n, c, h, w)), dtype)
     x64, m64 = as64(x), as64(m)
     f = gap64(torch.tensor(m64))
     np.testing.assert_allclose(f(torch.tensor(x64)).numpy(), R.gap(R.erase(x64, m64)), rtol=1e-12, atol=1e-12)
 
-    with patched(MG, **(SMALL if small else {})):
+    with tiles(MG._gap_fwd_kernel, MG._gap_bwd_kernel, **(dict(BLOCK_D=16, BLOCK_HW=16) if small else {})):
         p = masked_gap(x, m)
         assert p.dtype == dtype and p.shape == (n, c, d)
         assert_close("P", as64(p), R.gap(R.erase(x64, m64)), R.gap(R.erase(abs(x64), m64)), dtype)
@@ -45,6 +50,7 @@ def test_masked_gap_and_gradient_match_reference(n, d, h, w, c, mask, small, dty
         dp = tensor(rng.normal(size=(n, c, d)), dtype)
         (dx,) = torch.autograd.grad(p, x, dp)
     assert dx.dtype == dtype
+    same_layout("dx", dx, x)
     (want,) = grad64(f, [x64], [as64(dp)])
     (scale,) = grad64(f, [abs(x64)], [abs(as64(dp))])
     assert_close("dx", as64(dx), want, scale, dtype)
@@ -72,7 +78,8 @@ def _valid():
     ("m", lambda t: t[:, :, :2].contiguous(), ValueError, r"^m has shape \(2, 3, 2, 5\) but x is"),
     ("m", lambda t: t.int(), TypeError, r"^m must be float32 or bfloat16, got torch.int32$"),
     ("m", lambda t: t.bfloat16(), TypeError, r"^m is torch.bfloat16 but x is torch.float32; pass one dtype$"),
-    ("x", lambda t: t.permute(0, 1, 3, 2), ValueError, r"^x must be contiguous, got strides"),
+    ("x", lambda t: t.permute(0, 1, 3, 2), ValueError,
+     r"^x must walk H and W with one stride \(NCHW or channels-last\), got strides \(60, 15, 1, 5\)"),
     ("m", lambda t: t.to("meta"), ValueError, r"^m is on meta but x is on "),
     ("m", lambda t: t[:, :0], ValueError, r"^m must be non-empty, got shape \(2, 0, 3, 5\)$"),
 ])

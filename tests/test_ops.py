@@ -6,7 +6,12 @@ finite differences of the *reference* (step 1e-6, float64), contracted with a ra
 gradient so that one scalar function covers every output element; the ops are linear or
 quadratic in their inputs (BCE is smooth), so the difference quotient is accurate to ~1e-8
 and we allow 1e-6. The Triton backend (interpreter on CPU) runs in float32: 1e-4 relative.
+A training step on the Triton backend in channels-last is checked to hand the kernels the
+model's own activations (data pointers and strides) and to get dX back as the kernel wrote it.
 """
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +21,8 @@ from minimal_amkp import ops
 from minimal_amkp import reference as R
 
 SHAPES = settings(max_examples=25, deadline=None, derandomize=True)
+# The Triton backend runs on CUDA tensors, or on CPU ones under the interpreter (conftest.py).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +35,7 @@ def torch_backend():
 
 def close(name, got, want, atol, rtol=0.0):
     """Elementwise |got − want| <= atol + rtol·|want|; names the first offending index."""
-    got = np.asarray(got.detach().double() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
+    got = np.asarray(got.detach().double().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
     bad = ~(np.abs(got - want) <= atol + rtol * np.abs(want))
@@ -138,11 +145,27 @@ def test_kp_losses_match_reference(n, k, h, w, pooled, seed):
              lambda a, b: R.total_loss(a.sum(), b.sum(), lam=0.5), [rng.normal(size=1), rng.normal(size=1)], rng)
 
 
+@SHAPES
+@given(n=st.integers(2, 4), n0=st.integers(0, 3), c=st.integers(1, 3), d=st.integers(1, 4),
+       h=st.integers(1, 3), w=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_am_step_is_branch_logits_and_kp_at_x(n, n0, c, d, h, w, seed):
+    n0 = min(n0, n - 1)
+    rng = np.random.default_rng(seed)
+    x, xa = rng.normal(size=(n, d, h, w)), rng.normal(size=(n - n0, d, h, w))
+    m, wc, b = masks(rng, "random", (n, c, h, w)), rng.normal(size=(c, d)), rng.normal(size=c)
+    mt, xat = torch.tensor(m), torch.tensor(xa)
+    check_op("am_step logits", lambda x, w, b: ops.am_step(x, mt, w, b, xat, n0)[0],
+             lambda x, w, b: R.branch_logits(x, m, w, b), [x, wc, b], rng)
+    check_op("am_step l_kp", lambda x: ops.am_step(x, mt, torch.tensor(wc), torch.tensor(b), xat, n0)[1],
+             lambda x: R.kp_layer_loss(xa, x[n0:]), [x], rng)
+
+
 def test_kp_layer_loss_rejects_mismatched_layers():
     with pytest.raises(ValueError, match=r"fa and fb must share one shape .* got \(2, 3\) and \(2, 4\)"):
         ops.kp_layer_loss(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="at least one"):
         ops.kp_loss([])
+    assert float(ops.kp_loss([], [torch.tensor(2.0), torch.tensor(4.0)])) == 3.0
 
 
 def test_backend_switch(monkeypatch):
@@ -155,50 +178,109 @@ def test_backend_switch(monkeypatch):
         ops.backend(t)
 
 
-def require_kernels():
+def require_kernels(monkeypatch=None):
     # The kernels ship with the project, so a missing package is a failure, not a skip.
     assert ops._kernels() is not None, "the kernels package is not importable"
+    if monkeypatch is not None:  # compiled fp32 dots would run in TF32; compare at fp32
+        monkeypatch.setattr(ops._kernels().launch, "FP32_PRECISION", "ieee")
 
 
-@pytest.mark.parametrize("mask", ["random", "zeros"])
-def test_triton_backend_matches_reference(monkeypatch, mask):
-    require_kernels()
+@pytest.mark.parametrize("mask, channels_last", [("random", False), ("zeros", False), ("random", True)])
+def test_triton_backend_matches_reference(monkeypatch, mask, channels_last):
+    require_kernels(monkeypatch)
     monkeypatch.setenv("AMKP_BACKEND", "triton")
     rng = np.random.default_rng(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, m = rng.normal(size=(2, 19, 3, 5)), masks(rng, mask, (2, 14, 3, 5))
     wc, b = rng.normal(size=(14, 19)), rng.normal(size=14)
-    args = [torch.tensor(a, dtype=torch.float32) for a in (x, m, wc, b)]
-    close("triton branch_logits", ops.branch_logits(*args), R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
-    close("triton cam", ops.cam(*args[:3]), R.cam(x, m, wc), 1e-4, 1e-4)
+    xt, mt, wt, bt = (torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (x, m, wc, b))
+    xt = xt.to(memory_format=fmt)
+    close("triton branch_logits", ops.branch_logits(xt, mt, wt, bt), R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
+    close("triton cam", ops.cam(xt, mt, wt), R.cam(x, m, wc), 1e-4, 1e-4)
     fa, fb = rng.normal(size=(3, 7, 4, 4)), rng.normal(size=(3, 7, 4, 4))
-    close("triton kp_layer_loss", ops.kp_layer_loss(torch.tensor(fa, dtype=torch.float32),
-                                                    torch.tensor(fb, dtype=torch.float32)),
-          R.kp_layer_loss(fa, fb), 1e-4, 1e-4)
+    fat, fbt = (torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (fa, fb))
+    close("triton kp_layer_loss", ops.kp_layer_loss(fat.to(memory_format=fmt), fbt), R.kp_layer_loss(fa, fb),
+          1e-4, 1e-4)
+    xa = rng.normal(size=(1, 19, 3, 5))
+    logits, l_kp = ops.am_step(xt, mt, wt, bt, torch.tensor(xa, dtype=torch.float32, device=DEVICE), 1)
+    close("triton am_step logits", logits, R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
+    close("triton am_step l_kp", l_kp, R.kp_layer_loss(xa, x[1:]), 1e-4, 1e-4)
+    # A layout no single stride walks is copied by ops, not refused.
+    odd = torch.tensor(x, dtype=torch.float32, device=DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
+    close("triton cam (odd layout)", ops.cam(odd, mt, wt), R.cam(x, m, wc), 1e-4, 1e-4)
 
 
-def test_forcing_triton_without_kernels_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("AMKP_BACKEND", "triton")
-    monkeypatch.setattr(ops, "_kernels", lambda: None)
-    with pytest.raises(RuntimeError, match="AMKP_BACKEND=triton, but the kernels package"):
-        ops.backend(torch.zeros(1))
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_both_backends_return_the_same_dtypes(monkeypatch, name):
+    """bf16 features: CAMs stay bf16, logits and losses are float32, on either backend."""
+    require_kernels(monkeypatch)
+    monkeypatch.setenv("AMKP_BACKEND", name)
+    x, m = torch.rand(2, 5, 3, 3, dtype=torch.bfloat16, device=DEVICE), torch.ones(2, 4, 3, 3, device=DEVICE)
+    w, b = torch.rand(4, 5, device=DEVICE), torch.rand(4, device=DEVICE)
+    assert ops.cam(x, m, w).dtype == torch.bfloat16
+    assert ops.branch_logits(x, m, w, b).dtype == torch.float32
+    assert ops.branch_logits(x, None, w, b).dtype == torch.float32
+    assert ops.kp_layer_loss(x, x * 2).dtype == torch.float32
+    assert [t.dtype for t in ops.am_step(x, m, w, b, x[1:], 1)] == [torch.float32, torch.float32]
 
 
-def test_one_training_step_is_the_same_on_both_backends(monkeypatch):
-    """A micro ResNet-MSA, loss (6) with erased maps and a drifted N_A: loss and every gradient."""
+def test_a_broken_or_old_triton_falls_back_to_torch(tmp_path):
+    """A Triton without what the kernels use (here: no triton.Config, no knobs) raises AttributeError
+    while kernels/ imports; ops catches it: auto picks torch, AMKP_BACKEND=triton names the reason."""
+    fake = tmp_path / "triton"
+    (fake / "language").mkdir(parents=True)
+    (fake / "language" / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("__version__ = '3.2.0'\n")
+    code = ("import os, torch\nfrom minimal_amkp import ops\nprint(ops.backend(torch.zeros(1)))\n"
+            "os.environ['AMKP_BACKEND'] = 'triton'\ntry:\n    ops.backend(torch.zeros(1))\n"
+            "except RuntimeError as e:\n    print(e)")
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "AMKP_BACKEND": "auto"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        "torch", "AMKP_BACKEND=triton, but the kernels package or Triton cannot be imported "
+        "(AttributeError: module 'triton' has no attribute 'Config')"], out.stdout + out.stderr
+
+
+def test_an_old_triton_is_named_and_the_interpreter_flag_is_read_without_knobs(monkeypatch):
     require_kernels()
+    from kernels import launch
+
+    assert launch.too_old("2.1.0") == "Triton 2.1.0 is too old; the kernels need Triton >= 3.0"
+    assert launch.too_old("3.0.0") == launch.too_old("3.9.0+git") == ""
+    monkeypatch.setattr(launch, "triton", object())           # a Triton without triton.knobs (< 3.4)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert launch._interpreting() is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert launch._interpreting() is False
+
+
+def micro_step(channels_last=False):
+    """A micro ResNet-MSA with a drifted N_A and a batch of 4 images, the first 2 erased."""
     from minimal_amkp.config import ModelConfig
-    from minimal_amkp.mine import am_loss, frozen_copy
+    from minimal_amkp.mine import frozen_copy
     from minimal_amkp.model import ResNetMSA
 
     torch.manual_seed(0)
     model = ResNetMSA(ModelConfig(width=4, blocks=(1, 1, 1, 1), msa_channels=(16, 8)))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(DEVICE, memory_format=fmt)
     model_a = frozen_copy(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x, y = torch.rand(4, 1, 64, 64), (torch.rand(4, 14) < 0.5).float()
+    x, y = torch.rand(4, 1, 64, 64).to(DEVICE, memory_format=fmt), (torch.rand(4, 14) < 0.5).float().to(DEVICE)
     m = torch.ones(4, 14, 4, 4)
     m[:2] = (torch.rand(2, 14, 4, 4) < 0.6).float()
+    return model, model_a, x, y, m.to(DEVICE)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_one_training_step_is_the_same_on_both_backends(monkeypatch, channels_last):
+    """Loss (6) with erased maps and a drifted N_A: loss, L_KP and every gradient."""
+    require_kernels(monkeypatch)
+    from minimal_amkp.mine import am_loss
+
+    model, model_a, x, y, m = micro_step(channels_last)
     results = {}
     for name in ("torch", "triton"):
         monkeypatch.setenv("AMKP_BACKEND", name)
@@ -210,4 +292,45 @@ def test_one_training_step_is_the_same_on_both_backends(monkeypatch):
     assert results["torch"][1] > 0
     assert len(results["torch"]) == len(results["triton"])
     for i, (a, b) in enumerate(zip(results["torch"], results["triton"])):
-        close(f"loss, L_KP, gradient {i}", b, a.numpy(), 1e-4 * float(a.abs().max()) + 1e-6, 1e-3)
+        close(f"loss, L_KP, gradient {i}", b, a.cpu().numpy(), 1e-4 * float(a.abs().max()) + 1e-6, 1e-3)
+
+
+def test_channels_last_training_step_makes_no_layout_copy(monkeypatch):
+    """AMKP_BACKEND=triton, channels-last: every feature map a kernel reads or writes is the
+    model's own (same data pointer and strides) or a channels-last gradient, and the gradient
+    that reaches X is the one buffer the dX kernel wrote (no second dX, no sum)."""
+    require_kernels()
+    from kernels import launch
+    from minimal_amkp.mine import am_loss
+
+    monkeypatch.setenv("AMKP_BACKEND", "triton")
+    model, model_a, x, y, m = micro_step(channels_last=True)
+    acts, grads = {}, []
+
+    def keep(name):
+        def hook(module, inputs, out):
+            acts[name] = out
+            if name == "x" and out.requires_grad:
+                out.register_hook(grads.append)
+        return hook
+
+    model.msa.register_forward_hook(keep("x"))
+    model.layer3.register_forward_hook(keep("layer3"))
+    model.layer4.register_forward_hook(keep("layer4"))
+    launched = []
+    real = launch.Kernel.__call__
+    monkeypatch.setattr(launch.Kernel, "__call__", lambda self, grid, *args, **kw: (
+        launched.append([a for a in args if isinstance(a, torch.Tensor) and a.dim() == 4]),
+        real(self, grid, *args, **kw))[1])
+    loss, _, _ = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
+    loss.backward()
+    X = acts["x"]
+    assert X.is_contiguous(memory_format=torch.channels_last) and not X.is_contiguous()
+    channels = {X.shape[1], acts["layer3"].shape[1], acts["layer4"].shape[1]}
+    maps = [t for args in launched for t in args if t.shape[1] in channels]
+    assert maps and all(t.stride(1) == 1 for t in maps), "a feature map reached a kernel in NCHW"
+    pointers = {t.data_ptr() for t in maps}
+    assert X.data_ptr() in pointers                                         # X read in place
+    assert acts["layer3"][2:].data_ptr() in pointers and acts["layer4"][2:].data_ptr() in pointers
+    assert len(grads) == 1 and grads[0].data_ptr() in pointers              # dX as the kernel wrote it
+    assert grads[0].stride() == X.stride()
