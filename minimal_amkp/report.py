@@ -12,6 +12,8 @@ the box prior (no image, harvest.box_prior), the baseline H_1 (t = 1) and AM's H
 import json
 import math
 import os
+import re
+import urllib.parse
 
 import numpy as np
 
@@ -92,6 +94,17 @@ def fmt(v):
     return "n/a" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
+def md_text(text):
+    """text (on one line) as literal Markdown inside a link or image text: the characters that
+    could end the text, start markup or an HTML tag are backslash-escaped."""
+    return re.sub(r"([\\`*_\[\]()<>!&|])", r"\\\1", " ".join(str(text).split()))
+
+
+def md_link(path):
+    """A relative path as a Markdown link target: percent-encoded, so ( ) spaces and < > stay inside it."""
+    return urllib.parse.quote(path.replace(os.sep, "/"))
+
+
 def markdown(r, figures):
     """report.md from the report dict r (before jsonable) and the figure paths (None: not drawn)."""
     s = r["summary"]
@@ -129,7 +142,8 @@ def markdown(r, figures):
     lines += [f"| mean | {fmt(r['mean_auroc'])} | |", "", "## Figures", "",
               "Image with ground truth (red); H_1 with the baseline's boxes (green); H_2..H_T with the "
               "region erased before that step hatched; H_f with the AM boxes (green).", ""]
-    lines += [f"Not drawn ({SKIPPED})."] if figures is None else [f"![{os.path.basename(p)}]({p})" for p in figures]
+    lines += [f"Not drawn ({SKIPPED})."] if figures is None else \
+        [f"![{md_text(os.path.basename(p))}]({md_link(p)})" for p in figures]
     lines += ["", "## Notes", "",
               "- Box prior: each class's mean ground-truth box (relative centre and size), one per "
               "positive image, averaged over the OTHER mining images' boxes. ChestX-ray14's training "
@@ -138,7 +152,8 @@ def markdown(r, figures):
               "bilinear (pixel centres at X + 0.5) to the PNG's frame; boxes.csv holds the AM boxes.",
               f"- MaxBoxAccV2 is computed per class in a {r['max_box_acc_v2_size']}-px square frame "
               "(the model input, capped); its mean is over classes.", "", "## Config", "", "```json",
-              json.dumps(jsonable(r["config"]), indent=2, sort_keys=True), "```", ""]
+              # a backquote inside a value (a path, say) could close the fence: JSON may spell it \u0060
+              json.dumps(jsonable(r["config"]), indent=2, sort_keys=True).replace("`", "\\u0060"), "```", ""]
     return "\n".join(lines)
 
 

@@ -104,3 +104,18 @@ def test_cells_takes_the_cell_under_each_pixel_centre(h, p):
     got = F.cells(m, p)
     centre = np.floor((np.arange(p) + 0.5) * h / p).astype(int)
     np.testing.assert_array_equal(got, m[np.ix_(centre, centre)])
+
+
+def test_figures_are_not_written_through_a_link_that_leaves_the_run_folder(tmp_path):
+    from minimal_amkp.config import RunError
+    ds, mining = make_world(tmp_path)
+    names, labels = mining["names"], mining["labels"]
+    frames = [frame(ds, n) for n in names]
+    h_f = fused(mining["cams"], mining["masks"])
+    base = harvest(mining["cams"][0], names, labels, frames)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "figures")
+    with pytest.raises(RunError, match=r"out/figures/.*\.png: refusing to write outside .*out$"):
+        F.write_figures(tmp_path / "out", mining, ds, h_f, base, base, per_class=1, panel=32)
+    assert os.listdir(tmp_path / "elsewhere") == []
