@@ -1,0 +1,75 @@
+"""checkpoint.py: the data fingerprint, a whole state passes `check`, the RNG states come back."""
+import numpy as np
+import pytest
+import torch
+
+from minimal_amkp import checkpoint
+from minimal_amkp.chestxray import ChestXray14, Entry
+from minimal_amkp.config import RunError
+
+
+def dataset(labels=None, digests=None):
+    names = [f"{i:08d}_000.png" for i in range(6)]
+    labels = labels or {}
+    entries = {n: Entry(n, np.array(labels.get(n, [0] * 14), np.uint8), 0, i, 50, "M", "PA", 64, 64, (0.1, 0.1))
+               for i, n in enumerate(names)}
+    return ChestXray14("root", entries, {}, names[:4], names[4:], digests=dict(digests or {n: 7 for n in names}))
+
+
+def test_the_fingerprint_sees_a_different_dropped_image_with_the_same_count():
+    ds = dataset()
+    n = sorted(ds.entries)
+    base = checkpoint.fingerprint(ds, n[:1], n[1:3], n[4:])                 # n[3] dropped
+    assert checkpoint.fingerprint(ds, n[:1], n[1:3], n[4:]) == base
+    other = checkpoint.fingerprint(ds, n[:1], [n[1], n[3]], n[4:])            # n[2] dropped instead
+    assert other["train"] != base["train"] and other["mining"] == base["mining"] and other["test"] == base["test"]
+    relabelled = dataset(labels={n[0]: [1] + [0] * 13})
+    assert checkpoint.fingerprint(relabelled, n[:1], n[1:3], n[4:])["mining"] != base["mining"]
+    rewritten = dataset(digests={**{k: 7 for k in n}, n[5]: 8})
+    assert checkpoint.fingerprint(rewritten, n[:1], n[1:3], n[4:])["test"] != base["test"]
+
+
+def small_run(tmp_path):
+    model, model_a = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    masks = [torch.ones(3, 8, 4, 4, dtype=torch.uint8)] * 2
+    cams = [torch.zeros(3, 8, 4, 4)]
+    expected = dict(phases=[("msa", 2), ("round1", 2), ("round2", 2)], n_mining=3, h=4,
+                    config={"train": {"lr": 0.1}, "run": {"out": "a"}}, ignored=("run.out",),
+                    data={"mining": "m", "train": "t", "test": "s"})
+    checkpoint.save(tmp_path, config={"train": {"lr": 0.1}, "run": {"out": "b"}}, data=expected["data"], phase=2,
+                    epoch=1, model=model, opt=opt, model_a=model_a, masks=masks, cams=cams)
+    return model, opt, expected
+
+
+def test_a_whole_checkpoint_passes_and_its_rng_comes_back(tmp_path):
+    torch.manual_seed(3)
+    model, opt, expected = small_run(tmp_path)
+    want = torch.rand(5)
+    state = checkpoint.load(tmp_path, **expected)
+    assert state["cuda_rng"] is None or torch.cuda.is_initialized()
+    checkpoint.restore_rng(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(5), want)
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpoint.restore_optimizer(fresh, state["optimizer"], "x")
+    assert torch.equal(fresh.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    with pytest.raises(RunError, match=r"^x: its optimizer state does not fit this phase's parameters"):
+        checkpoint.restore_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), state["optimizer"], "x")
+    with pytest.raises(RunError, match=r"masks and CAMs are not lists of \(4, 8, 4, 4\) uint8 and float32 maps"):
+        checkpoint.load(tmp_path, **{**expected, "n_mining": 4})
+    with pytest.raises(RunError, match=r"holds 2 masks and 1 CAMs in phase round3, epoch 1"):
+        checkpoint.load(tmp_path, **{**expected, "phases": [("round1", 2), ("round2", 2), ("round3", 2)]})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_rng_comes_back_too(tmp_path):
+    device = torch.device("cuda")
+    torch.rand(3, device=device)
+    _, _, expected = small_run(tmp_path)
+    want = torch.rand(5, device=device)
+    state = checkpoint.load(tmp_path, **expected)
+    assert state["cuda_rng"] is not None
+    checkpoint.restore_rng(state, device)
+    assert torch.equal(torch.rand(5, device=device), want)
