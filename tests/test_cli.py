@@ -135,6 +135,10 @@ def truncate_first_png(root):
     (lambda r: (r / "Data_Entry_2017.csv").write_text("Image,Labels\n"), r"Data_Entry_2017.csv line 1: unknown header"),
     (lambda r: (r / "test_list.txt").unlink(), r"none of test_list.txt\[.gz\] found"),
     (truncate_first_png, r"1 bad image\(s\): .*truncated PNG"),
+    (lambda r: open(r / "BBox_List_2017.csv", "a").write("q/../../../X.png,Mass,1,2,3,4\n"),
+     r"BBox_List_2017\.csv line \d+: image name 'q/\.\./\.\./\.\./X\.png' is not a plain file name"),
+    (lambda r: open(r / "test_list.txt", "a").write("\n/etc/passwd\n"),
+     r"test_list\.txt line \d+: image name '/etc/passwd' is not a plain file name"),
 ])
 def test_bad_data_exits_1_with_one_line(capsys, data, tmp_path, how, message):
     root = broken_copy(data, tmp_path, how)
