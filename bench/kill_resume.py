@@ -12,7 +12,9 @@ The moments, drawn with --seed: a random time in the first seconds of a start (r
 taking the folder, restoring the checkpoint, the first epochs); inside a checkpoint save (the
 k-th `.checkpoint.pt.*.tmp` of that start to appear, k in 1..3); and, last, inside the writing
 of one of the final outputs (a temporary file of mining.npz, test.npz, model.pt, boxes.csv,
-report.md, report.json or a figure). Passes when boxes.csv is byte-identical, every array of
+report.md, report.json or a figure; a small file written within one poll is caught just after
+its rename, while the next outputs are written). A start that ends before its moment counts no
+kill and is followed by a kill while the (resumed, finished) run writes its outputs again. Passes when boxes.csv is byte-identical, every array of
 mining.npz equal, and no *.tmp file is left. Every process runs with OMP_NUM_THREADS=1, as the
 reference does, so float sums happen in one order. Writes a markdown table of the kills.
 """
@@ -80,23 +82,38 @@ def plan(kills, rng, reference_s):
     return first + [("output writing", rng.choice(OUTPUTS)) for _ in range(n_out)]
 
 
-def target_seen(out, kind, param, seen, before):
-    """Whether the moment to kill has come; `seen` collects the temporary checkpoint files this start
-    made so far (those of earlier starts, `before`, are left for the run to remove)."""
+def written_since(out, param, since_ns):
+    """Whether this start has already renamed output `param` (a file, or any file of a folder) into place."""
+    where = os.path.join(out, param)
+    paths = [os.path.join(where, f) for f in os.listdir(where)] if param.endswith("/") and os.path.isdir(where) \
+        else [where]
+    return any(os.path.isfile(p) and os.stat(p).st_mtime_ns >= since_ns for p in paths)
+
+
+def target_seen(out, kind, param, seen, before, since_ns):
+    """None, or how the moment to kill has come: "inside" a write (its temporary file exists) or "just
+    after" it. `seen` collects the temporary checkpoint files this start made (those of earlier starts,
+    `before`, are left for the run to remove). Small files are written within one poll, so an output
+    whose temporary file was missed is caught just after its rename, while the next ones are written;
+    report.json, the last, only inside."""
     tmps = [t for t in temporaries(out) if t not in before]
     if kind == "checkpoint save":
         seen.update(t for t in tmps if re.fullmatch(r"\.checkpoint\.pt\.\w{8}\.tmp", t))
-        return len(seen) >= param
-    if kind == "output writing":
-        if param.endswith("/"):
-            return any(t.startswith(param) for t in tmps)
-        return any(re.fullmatch(rf"\.{re.escape(param)}\.\w{{8}}\.tmp", t) for t in tmps)
-    return False
+        return "inside" if len(seen) >= param else None
+    if param.endswith("/"):
+        inside = any(t.startswith(param) for t in tmps)
+    else:
+        inside = any(re.fullmatch(rf"\.{re.escape(param)}\.\w{{8}}\.tmp", t) for t in tmps)
+    if inside:
+        return "inside"
+    return "just after" if param != "report.json" and written_since(out, param, since_ns) else None
 
 
 def attempt(cmd, out, kind, param, log):
-    """One start of the run, killed at its moment: -> (killed, seconds, temporary files it had made by then)."""
+    """One start of the run, killed at its moment: -> (how: None if it ended first, seconds, temporary
+    files it had made by then)."""
     before = set(temporaries(out)) if os.path.isdir(out) else set()
+    since_ns = time.time_ns()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -105,13 +122,15 @@ def attempt(cmd, out, kind, param, log):
     try:
         while proc.poll() is None:
             elapsed = time.monotonic() - start
-            if (kind == "early" and elapsed >= param) or (kind != "early" and target_seen(out, kind, param, seen, before)):
+            how = ("at" if elapsed >= param else None) if kind == "early" else \
+                target_seen(out, kind, param, seen, before, since_ns)
+            if how:
                 left = [t for t in temporaries(out) if t not in before]
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return True, elapsed, left
+                return how, elapsed, left
             time.sleep(POLL_S)
-        return False, time.monotonic() - start, []
+        return None, time.monotonic() - start, []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -159,16 +178,17 @@ def main(argv=None):
     t0 = time.monotonic()
     run_to_end(command(data, whole, options), log)
     reference_s = time.monotonic() - t0
-    rows = []
-    for kind, param in plan(args.kills, rng, reference_s):
+    rows, todo = [], plan(args.kills, rng, reference_s)
+    while todo and sum(bool(r[4]) for r in rows) < args.kills and len(rows) < 3 * args.kills:
+        kind, param = todo.pop(0)
         cmd = command(data, killed, options)
-        hit, seconds, left = attempt(cmd, killed, kind, param, log)
-        state = "finished before the kill" if not hit else ", ".join(left) or "no temporary file"
-        rows.append((kind, param, "--resume" in cmd, seconds, hit, state))
-        print(f"bench.kill_resume: {len(rows)}/{args.kills} {kind} ({param}): "
-              f"{'killed' if hit else 'not killed'} after {seconds:.2f} s; {state}", file=sys.stderr, flush=True)
-        if not hit:
-            break
+        how, seconds, left = attempt(cmd, killed, kind, param, log)
+        state = "ended before the kill" if not how else ", ".join(left) or "no temporary file"
+        rows.append((kind, param, "--resume" in cmd, seconds, how, state))
+        print(f"bench.kill_resume: {len(rows)} {kind} ({param}): {how or 'not'} killed after {seconds:.2f} s; "
+              f"{state}", file=sys.stderr, flush=True)
+        if not how:        # the run got to its end first; resumed, a finished run writes its outputs again
+            todo.append(("output writing", rng.choice(OUTPUTS)))
     run_to_end(command(data, killed, options), log)
     problems = compare(whole, killed)
     total_s = time.monotonic() - started
@@ -180,15 +200,15 @@ def main(argv=None):
              f"- command: python -m bench.kill_resume {' '.join(argv if argv is not None else sys.argv[1:])}",
              f"- data: phantom, {args.images} images at {args.size} px; options: {' '.join(options)}",
              f"- reference run: {reference_s:.0f} s; whole measurement: {total_s / 60:.1f} min", "",
-             f"**Result: {'PASS' if not problems else 'FAIL'}** after {sum(r[4] for r in rows)} kills: "
+             f"**Result: {'PASS' if not problems else 'FAIL'}** after {sum(bool(r[4]) for r in rows)} kills: "
              + ("boxes.csv byte-identical, every array of mining.npz equal, no *.tmp left."
                 if not problems else "; ".join(problems)), "",
              "| # | moment | start | killed after | temporary files this start had made |", "|---|---|---|---:|---|"]
-    for i, (kind, param, resumed, seconds, hit, state) in enumerate(rows, 1):
+    for i, (kind, param, resumed, seconds, how, state) in enumerate(rows, 1):
         moment = (f"at {param:.2f} s" if kind == "early" else f"inside checkpoint save #{param}"
-                  if kind == "checkpoint save" else f"while writing {param}")
+                  if kind == "checkpoint save" else f"{how or 'while'} writing {param}")
         lines.append(f"| {i} | {moment} | {'--resume' if resumed else 'fresh'} | "
-                     f"{seconds:.2f} s{'' if hit else ' (not killed)'} | {state} |")
+                     f"{seconds:.2f} s{'' if how else ' (not killed)'} | {state} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.result)), exist_ok=True)
     atomic_write_text(args.result, "\n".join(lines) + "\n")
     print(f"bench.kill_resume: {'PASS' if not problems else 'FAIL: ' + '; '.join(problems)}; see {args.result}",

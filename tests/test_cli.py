@@ -494,3 +494,21 @@ def test_an_elastic_restart_resumes_its_own_run(monkeypatch, capsys, data, finis
     stop_after_prepare_out(monkeypatch)      # a restart before the first start wrote config.json: start it
     assert main(["--data", data, "--out", str(tmp_path / "new"), "--resume", *MICRO]) == 1
     assert "stopped after prepare_out" in error_line(capsys)
+
+
+def test_an_image_that_breaks_after_the_check_ends_the_run_in_one_line(monkeypatch, capsys, data, tmp_path):
+    """The up-front decode is what --skip-bad-images relies on; a file damaged later, mid-run, stops the run."""
+    import minimal_amkp.cli as cli
+    from hostile import damage_middle
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    real = cli.check_images
+
+    def check_then_damage(ds, names, **kw):
+        good = real(ds, names, **kw)
+        damage_middle(root / "images" / good[-1])
+        return good
+    monkeypatch.setattr(cli, "check_images", check_then_damage)
+    assert main(["--data", str(root), "--out", str(tmp_path / "out"), *MICRO, "--data.preload", "false",
+                 "--skip-bad-images"]) == 1
+    assert re.search(r"images/\d+_\d+\.png: cannot read image \(OSError: ", error_line(capsys))
