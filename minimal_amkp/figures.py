@@ -175,6 +175,6 @@ def write_figures(out_dir, mining, ds, h_f, baseline, am, per_class=2, panel=256
                   "heat blue (low) to red (high)")
         rgb = mining_strip(image, cams[:, i, c], masks[:, i, c], h_f[i, c], gt_p, base_p, am_p, header)
         rel = os.path.join("figures", f"{BOX_CLASSES[c]}_{os.path.splitext(name)[0]}.png")
-        save_png(inside(out_dir, rel), rgb)                 # names are plain, so this holds; a link may not
+        save_png(inside(out_dir, rel), rgb)       # plain names cannot leave out_dir; a linked figures/ could
         paths.append(rel)
     return paths
