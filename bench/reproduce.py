@@ -14,7 +14,8 @@ that 3 seeds fit in an hour on 2 CPU cores; `--data.phantom-images N` changes it
 
 Every cell is an ordinary run of `python -m minimal_amkp` in its own folder <out>/<cell>-seed<k>,
 so nothing is lost when the study is interrupted: rerun the same command and finished cells
-(report.json present) are read back, a cell cut short resumes from its checkpoint. Per seed:
+(report.json present, written under the same settings) are read back, a cell cut short resumes
+from its checkpoint. Per seed:
 
     am-full              ResNet-MSA (bilinear) at S1, T = 3 AM rounds with full KP   Tables 2, 3
     am-vanilla, am-none  KP-Vanilla, no KP: forked from am-full's N_A (the classifier as it was
@@ -40,7 +41,7 @@ import torch
 
 from bench import tables
 from bench.__main__ import device_name
-from minimal_amkp import checkpoint, cli
+from minimal_amkp import checkpoint, cli, outdir
 from minimal_amkp import reference as R
 from minimal_amkp.atomic import atomic_write_text
 from minimal_amkp.chestxray import DataError, read_dataset
@@ -156,19 +157,40 @@ def fork(source, argv):
     model = ResNetMSA(cfg.model)
     checkpoint.restore_model(model, state["mining"]["model_a"], checkpoint.path(source))
     shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
-    torch.manual_seed(cfg.run.seed)
-    # Classification done, mining not started: the fork mines from N_A as its own classifier.
-    checkpoint.save(out, config=to_dict(cfg), phase=len(cli.plan(cfg)), epoch=0, model=model, opt=None,
-                    mining=None)
-    # config.json last: a folder holding it holds a whole fork, so --resume may continue it.
-    atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
+    folder = outdir.Folder(out)                # the fork's files go into the manifest the cell's run continues
+    folder.lock()
+    try:
+        torch.manual_seed(cfg.run.seed)
+        # Classification done, mining not started: the fork mines from N_A as its own classifier.
+        checkpoint.save(out, config=to_dict(cfg), data=state["data"], phase=len(cli.plan(cfg)), epoch=0,
+                        model=model, opt=None, mining=None)
+        # config.json last: a folder holding it holds a whole fork, so --resume may continue it.
+        atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
+    finally:
+        folder.release()
+
+
+def check_finished(name, argv):
+    """RunError unless the cell's report.json was written by a run of exactly these settings."""
+    out = argv[argv.index("--out") + 1]
+    path = os.path.join(out, "report.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f).get("config")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(f"cell {name}: {path} is unreadable ({e}); delete {out} to run the cell again") from None
+    problem = cli._config_problem(stored)
+    diff = [problem] if problem else cli._differences(stored, cli._json(to_dict(cli.parse(argv)[0])))
+    if diff:
+        raise RunError(f"cell {name}: {path} came from other settings ({'; '.join(diff[:3])}); use another --out, "
+                       f"or delete {out} to run the cell again")
 
 
 def run_cell(name, argv, source):
     """Run (or resume, or fork and then run) one cell unless it has finished; its time goes to seconds.json."""
     out = argv[argv.index("--out") + 1]
     if os.path.exists(os.path.join(out, "report.json")):
+        check_finished(name, argv)
         return
     start = time.perf_counter()
     if source is not None and not os.path.exists(os.path.join(out, "config.json")):

@@ -8,6 +8,10 @@ Files under a dataset root (see /work/shared/chestxray14.md for the facts):
 Every CSV may also be gzipped (`.csv.gz`). Bad input raises `DataError` naming the file, the line
 and what is wrong; with `skip_bad=True` the bad row, box or image is dropped instead, with one
 warning per problem and a count at the end.
+
+Hostile input: an image name must be a plain file name (`plain_name`), so no name can reach a
+file outside images/ or make an output land outside the run's folder; an image must decode
+completely and hold at most MAX_PIXELS pixels (`check_images` decodes each one up front).
 """
 import csv
 import dataclasses
@@ -16,6 +20,7 @@ import io
 import math
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -39,6 +44,13 @@ BBOX_SPELLING = {"Infiltration": "Infiltrate"}
 BOX_SLACK = 2.0
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"       # the empty IEND chunk every PNG ends with
+# The released PNGs are 1024x1024 and the largest original film in Data_Entry is 3827x3567
+# (13.7 MP), so 4096x4096 admits every image of the release, and the originals should a user
+# keep them, while a 20000x20000 header (a decompression bomb: 400 MP, 1.6 GB as float32) is
+# refused before any pixel is decoded. A decoded image then costs at most 64 MiB as float32.
+MAX_PIXELS = 4096 * 4096
+# A leading = + - @ makes a spreadsheet read the cell as a formula; no real name starts so.
+FORMULA_START = ("=", "+", "-", "@")
 _INDEX = {name: i for i, name in enumerate(CLASSES)}
 
 
@@ -83,6 +95,8 @@ class ChestXray14:
     boxes: dict                 # image name -> list[BBox]
     train_val: list
     test: list
+    digests: dict = dataclasses.field(default_factory=dict)   # name -> CRC-32 of its file (check_images)
+    skipped: list = dataclasses.field(default_factory=list)   # names check_images dropped (skip_bad)
 
     def image_path(self, name):
         return os.path.join(self.root, "images", name)
@@ -148,6 +162,31 @@ def _fields(row, n):
     return [f.strip() for f in row[:n]]
 
 
+def plain_name(name):
+    """None if `name` is a plain file name, else what is wrong with it.
+
+    Names are joined to images/ to read an image and to figures/ to write one, so a path
+    separator, `..` or an absolute name would reach outside those folders. Control characters
+    cannot survive the one-name-per-line split lists; a leading = + - @ is a spreadsheet formula.
+    """
+    if not name:
+        return "an empty image name"
+    if "/" in name or "\\" in name or ".." in name or name == ".":
+        return f"image name {name!r} is not a plain file name (no path separator or '..' allowed)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"image name {name!r} holds a control character"
+    if name.startswith(FORMULA_START):
+        return f"image name {name!r} starts with {name[0]!r}, which a spreadsheet reads as a formula"
+    return None
+
+
+def _name(text):
+    problem = plain_name(text)
+    if problem:
+        raise DataError(problem)
+    return text
+
+
 def _int(column, text):
     # Some copies write ages as `058Y`.
     digits = text[:-1] if column == "Patient Age" and text.endswith("Y") else text
@@ -188,7 +227,7 @@ def _labels(text):
 
 def _entry(row):
     f = _fields(row, len(ENTRY_HEADER))
-    return Entry(image=f[0], labels=_labels(f[1]), follow_up=_int("Follow-up #", f[2]),
+    return Entry(image=_name(f[0]), labels=_labels(f[1]), follow_up=_int("Follow-up #", f[2]),
                  patient_id=_int("Patient ID", f[3]), age=_int("Patient Age", f[4]),
                  gender=f[5], view=f[6], width=_int("OriginalImage Width", f[7]),
                  height=_int("OriginalImage Height", f[8]),
@@ -206,7 +245,7 @@ def _bbox(row, harvested):
     if x < -BOX_SLACK or y < -BOX_SLACK:
         raise DataError(f"box ({x}, {y}, {w}, {h}) starts outside the image")
     score, rank = (_float("score", f[6]), _int("rank", f[7])) if harvested else (None, None)
-    return BBox(f[0], label, x, y, w, h, score, rank)
+    return BBox(_name(f[0]), label, x, y, w, h, score, rank)
 
 
 def _read_data_entry(path, bad):
@@ -243,7 +282,10 @@ def _read_split(path, bad):
     names, seen = [], set()
     for line, text in enumerate(_read_text(path).splitlines(), 1):
         name = text.strip()
-        if name in seen:
+        problem = plain_name(name) if name else None
+        if problem:
+            bad(f"{path} line {line}: {problem}")
+        elif name in seen:
             bad(f"{path} line {line}: {name} is listed twice")
         elif name:
             names.append(name)
@@ -293,6 +335,26 @@ def _png_size(path):
     if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
         return None
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _too_large(width, height):
+    if width * height > MAX_PIXELS:
+        return (f"{width}x{height} pixels, more than the {MAX_PIXELS} (4096x4096) this reader accepts "
+                "(ChestX-ray14's largest film is 3827x3567)")
+    return None
+
+
+def png_frame(path):
+    """(width, height) of a PNG from its header alone: the frame its boxes are in."""
+    size = _png_size(path)
+    if size is None:
+        if not os.path.exists(path):
+            raise DataError(f"{path}: image not found")
+        raise DataError(f"{path}: not a PNG file")
+    problem = _too_large(*size)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return size
 
 
 def _outside(box, width, height):
@@ -348,39 +410,55 @@ def read_dataset(root, skip_bad=False):
     return ds
 
 
-def _check_png(path):
-    """None if path looks like a complete PNG, else what is wrong with it.
+def _crc(path):
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
 
-    Reads 24 bytes at the start and 12 at the end: a truncated file has lost the IEND chunk
-    every PNG ends with. Damage in the middle is reported by load_image when it decodes.
+
+def _check_png(path):
+    """(None, CRC-32 of the file) if path holds a complete PNG that decodes, else (what is wrong, None).
+
+    Cheap tests first (24 bytes at the start, the IEND chunk every PNG ends with, the size in
+    its header), then a full decode: damage in the middle of a file shows only there, and
+    found now it cannot stop a run hours in.
     """
     try:
         with open(path, "rb") as f:
             head = f.read(24)
             f.seek(max(0, os.fstat(f.fileno()).st_size - len(PNG_TRAILER)))
             tail = f.read()
+        if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+            return "not a PNG file", None
+        if tail != PNG_TRAILER or len(head) < 24:
+            return "truncated PNG file (no IEND at the end)", None
+        crc = _crc(path)
     except FileNotFoundError:
-        return "missing"
+        return "missing", None
     except OSError as e:
-        return f"unreadable ({e.strerror or e})"
-    if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
-        return "not a PNG file"
-    if tail != PNG_TRAILER or len(head) < 24:
-        return "truncated PNG file (no IEND at the end)"
-    return None
+        return f"unreadable ({e.strerror or e})", None
+    try:
+        _decode(path)
+    except DataError as e:
+        return str(e).removeprefix(f"{path}: "), None
+    return None, crc
 
 
 def check_images(ds, names, workers=2, skip_bad=False):
-    """Check cheaply, in parallel, that every named image is a complete PNG; return the good names.
+    """Check, in parallel, that every named image is a complete PNG that decodes; return the good names.
 
     Raises DataError naming the bad files, or with skip_bad drops them with one warning each.
+    Records each good file's CRC-32 in ds.digests (a resumed run compares them) and the
+    dropped names in ds.skipped.
     """
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     names = list(names)
     with ThreadPoolExecutor(workers) as pool:
-        problems = list(pool.map(lambda n: _check_png(ds.image_path(n)), names))
-    bad_ones = [(n, p) for n, p in zip(names, problems) if p]
+        results = list(pool.map(lambda n: _check_png(ds.image_path(n)), names))
+    bad_ones = [(n, p) for n, (p, _) in zip(names, results) if p]
     if bad_ones and not skip_bad:
         shown = "; ".join(f"{ds.image_path(n)}: {p}" for n, p in bad_ones[:5])
         more = f" (and {len(bad_ones) - 5} more)" if len(bad_ones) > 5 else ""
@@ -389,7 +467,9 @@ def check_images(ds, names, workers=2, skip_bad=False):
     for n, p in bad_ones:
         bad(f"{ds.image_path(n)}: {p}")
     bad.done(os.path.join(ds.root, "images"))
-    return [n for n, p in zip(names, problems) if not p]
+    ds.skipped += [n for n, _ in bad_ones]
+    ds.digests.update((n, crc) for n, (p, crc) in zip(names, results) if not p)
+    return [n for n, (p, _) in zip(names, results) if not p]
 
 
 def _gray(im, path):
@@ -399,6 +479,33 @@ def _gray(im, path):
     if im.mode in ("L", "LA", "RGB", "RGBA", "P", "PA", "1"):
         return np.asarray(im.convert("L"), np.float32) / 255.0
     raise DataError(f"{path}: unsupported image mode {im.mode!r}")
+
+
+def _decode(path):
+    """The whole image as float32 (H, W) in [0, 1]; any failure is a one-line DataError.
+
+    A PNG's size is read from its header and refused above MAX_PIXELS before Pillow sees the
+    file; other formats are refused after Pillow has read their header, before any pixel.
+    Pillow raises ValueError for oversized text and ICC chunks and DecompressionBombError for
+    sizes it distrusts: both are damage here, like the OSError of a corrupt stream.
+    """
+    size = _png_size(path)
+    problem = size and _too_large(*size)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    try:
+        with Image.open(path) as im:
+            problem = _too_large(*im.size)
+            if problem:
+                raise DataError(f"{path}: {problem}")
+            im.load()
+            return _gray(im, path)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
 def load_image(path, size, boxes=None):
@@ -413,14 +520,7 @@ def load_image(path, size, boxes=None):
     b = np.zeros((0, 4)) if boxes is None else np.asarray(boxes, np.float64)
     if b.ndim != 2 or b.shape[1] != 4:
         raise ValueError(f"boxes must be (K, 4) rows of (x, y, w, h), got shape {b.shape}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = _gray(im, path)                                         # (H, W)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except (OSError, SyntaxError, EOFError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    img = _decode(path)                                                   # (H, W)
     height, width = img.shape
     for i, box in enumerate(b):
         if _outside(box, width, height):
@@ -431,16 +531,23 @@ def load_image(path, size, boxes=None):
     return img, b * np.array([size / width, size / height, size / width, size / height])
 
 
+def _csv_lines(header, rows):
+    """The header line as given, then rows through the csv module, so a comma or a quote in a
+    field is quoted and reads back as itself."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return header + "\n" + buf.getvalue()
+
+
 def write_data_entry(path, entries):
     """Write Data_Entry_2017.csv in the original 2017 variant (trailing comma), atomically."""
-    lines = [",".join(ENTRY_HEADER) + ","]
+    rows = []
     for e in entries:
         names = sorted(CLASSES[i] for i in np.flatnonzero(e.labels)) or [NO_FINDING]
-        lines.append(f"{e.image},{'|'.join(names)},{e.follow_up},{e.patient_id},{e.age},"
-                     f"{e.gender},{e.view},{e.width},{e.height},{e.spacing[0]!r},"
-                     f"{e.spacing[1]!r},")
+        rows.append([e.image, "|".join(names), e.follow_up, e.patient_id, e.age, e.gender, e.view,
+                     e.width, e.height, repr(e.spacing[0]), repr(e.spacing[1]), ""])
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(_csv_lines(",".join(ENTRY_HEADER) + ",", rows))
 
 
 def write_bbox_list(path, boxes):
@@ -448,10 +555,10 @@ def write_bbox_list(path, boxes):
     when the boxes carry scores, as a harvested boxes.csv (8 fields, + score, rank)."""
     harvested = any(b.score is not None for b in boxes)
     header = ",".join(HARVEST_HEADER) if harvested else ",".join(BBOX_HEADER) + ",,,"
-    lines = [header]
+    rows = []
     for b in boxes:
         name = BBOX_SPELLING.get(CLASSES[b.label], CLASSES[b.label])
-        row = f"{b.image},{name},{float(b.x)!r},{float(b.y)!r},{float(b.w)!r},{float(b.h)!r}"
-        lines.append(row + (f",{float(b.score)!r},{int(b.rank)}" if harvested else ""))
+        row = [b.image, name, repr(float(b.x)), repr(float(b.y)), repr(float(b.w)), repr(float(b.h))]
+        rows.append(row + ([repr(float(b.score)), int(b.rank)] if harvested else []))
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(_csv_lines(header, rows))

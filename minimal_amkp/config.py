@@ -7,6 +7,7 @@ whole job runs on a 2-core CPU in minutes. On the command line run options are f
 (`--data DIR`) and hyper-parameters are `--section.field VALUE` (`--train.lr 0.01`).
 """
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -108,7 +109,7 @@ PRESETS = {
         "data": dict(image_size=128, preload=True, workers=2, phantom_images=6000, phantom_size=128),
         "train": dict(batch_size=16, optimizer="adamw", lr=0.01, shift=0.08, zoom=0.15, base_epochs=0,
                       msa_frozen_epochs=0, msa_epochs=12),
-        "mine": dict(epochs=4, batch_size=32, lr=0.001),
+        "mine": dict(epochs=3, batch_size=32, lr=0.01),
     },
     "paper": {},
 }
@@ -153,16 +154,29 @@ def parse_value(section, name, kind, text):
 
 
 def validate(cfg):
-    """Reject settings no run can use, before any work starts."""
-    m, d, t, k = cfg.model, cfg.data, cfg.train, cfg.mine
+    """Reject settings no run can use, before any work starts (exit 2, one line)."""
+    m, d, t, k, r = cfg.model, cfg.data, cfg.train, cfg.mine, cfg.run
+    finite = math.isfinite
     checks = [
+        (0 <= r.seed < 2 ** 32, f"--seed must lie in [0, 2^32), got {r.seed}"),
         (m.width >= 1, "--model.width must be >= 1"),
         (len(m.blocks) in (3, 4) and min(m.blocks) >= 1,
          "--model.blocks needs 3 or 4 counts >= 1, e.g. 3,4,6,3"),
         (len(m.msa_channels) == 2 and min(m.msa_channels) >= 1, "--model.msa-channels needs 2 widths >= 1"),
-        (d.image_size >= 32, "--data.image_size must be >= 32 (the model downsamples by 32)"),
+        (32 <= d.image_size <= 4096, "--data.image_size must lie in [32, 4096] (the model downsamples by 32; "
+                                     "no ChestX-ray14 film is larger)"),
+        (d.workers >= 1, f"--data.workers must be >= 1, got {d.workers}"),
+        (32 <= d.phantom_size <= 4096, "--data.phantom_size must lie in [32, 4096]"),
+        (d.phantom_seed >= 0, f"--data.phantom_seed must be >= 0, got {d.phantom_seed}"),
         (t.batch_size >= 2 and k.batch_size >= 2, "batch sizes must be >= 2 (batch norm)"),
+        (finite(t.lr) and t.lr > 0, f"--train.lr must be a positive number, got {t.lr}"),
+        (finite(k.lr) and k.lr > 0, f"--mine.lr must be a positive number, got {k.lr}"),
+        (finite(t.momentum) and 0 <= t.momentum < 1, f"--train.momentum must lie in [0, 1), got {t.momentum}"),
+        (finite(t.weight_decay) and t.weight_decay >= 0, f"--train.weight_decay must be >= 0, got {t.weight_decay}"),
+        (finite(t.shift) and 0 <= t.shift < 0.5, f"--train.shift must lie in [0, 0.5) (a fraction of S), got {t.shift}"),
         (0 < k.fraction < 1, "--mine.fraction (n/N) must lie strictly between 0 and 1"),
+        (finite(k.lam) and k.lam >= 0, f"--mine.lam must be >= 0, got {k.lam}"),
+        (finite(k.threshold) and 0 <= k.threshold <= 1, f"--mine.threshold must lie in [0, 1], got {k.threshold}"),
         (k.rounds >= 1, "--mine.rounds (T) must be >= 1"),
         (min(t.base_epochs, t.msa_frozen_epochs, t.msa_epochs, k.epochs) >= 0, "epochs must be >= 0"),
         (d.phantom_images >= 20, "--data.phantom_images must be >= 20"),

@@ -36,10 +36,32 @@ from minimal_amkp.chestxray import DataError
 from minimal_amkp.config import RunError
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-# Rank 0 alone may spend long stretches on work the others wait for (checking 112,120 PNGs,
-# generating the phantom, writing the report); a crashed rank is not what this waits for,
-# torchrun ends the whole group as soon as one process fails.
-TIMEOUT = datetime.timedelta(hours=2)
+# Two timeouts. A crashed rank is not what they wait for: torchrun ends the whole group as
+# soon as one process fails. They bound a HUNG rank (stopped, deadlocked, its machine frozen),
+# which torchrun cannot see. Training collectives (gradients, batch-norm sums, gathers) wait
+# only for the slowest rank's share of one step, so they give up after AMKP_COLLECTIVE_TIMEOUT
+# seconds (default 600): the job ends with one line within minutes. Rank 0 alone may spend
+# long stretches on work the others wait for in `on_main` (checking 112,120 PNGs, generating
+# the phantom, writing the report): that wait goes over a second group and may last 2 hours.
+TIMEOUT_VARIABLE = "AMKP_COLLECTIVE_TIMEOUT"
+TIMEOUT = datetime.timedelta(seconds=600)
+MAIN_TIMEOUT = datetime.timedelta(hours=2)
+_main_group = [None]                                 # the gloo group of on_main, while a session runs
+
+
+def timeout():
+    """The training collectives' timeout: AMKP_COLLECTIVE_TIMEOUT seconds, or TIMEOUT."""
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 1 <= seconds <= MAIN_TIMEOUT.total_seconds():
+        raise RunError(f"{TIMEOUT_VARIABLE} must be a number of seconds in [1, {MAIN_TIMEOUT.total_seconds():.0f}]; "
+                       f"got {text!r}")
+    return datetime.timedelta(seconds=seconds)
 
 
 def env():
@@ -99,12 +121,30 @@ def session(device):
                            "device(s): start at most that many processes per machine (--nproc-per-node)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank_, world_size=world_,
-                            timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    # torchrun's store outlives an elastic restart, and a rank reads a peer's address from it as
+    # soon as the key exists: a restarted rank could read the address of the process it replaces
+    # and fail to connect (seen with torch 2.13 and gloo). Each start gets keys of its own.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank_, world_size=world_, timeout=timeout()))
+    store = dist.PrefixStore(f"minimal_amkp/start{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank_, world_size=world_,
+                            timeout=timeout(), device_id=device if device.type == "cuda" else None)
+    # on_main's objects travel on the CPU, over gloo whatever the training backend.
+    _main_group[0] = dist.new_group(backend="gloo", timeout=MAIN_TIMEOUT)
     try:
         yield device
     finally:
+        _main_group[0] = None
         dist.destroy_process_group()
+
+
+def lost_peer(error):
+    """Whether `error` says that talking to the other processes failed (a peer died or hung).
+
+    Timeouts arrive as DistError; a peer that died mid-collective as gloo's or NCCL's RuntimeError.
+    """
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and ("gloo/transport" in text or "NCCL" in text))
 
 
 def bounds(n, rank_, world_):
@@ -186,7 +226,8 @@ def gather(rows):
 def on_main(fn, *args, **kwargs):
     """fn(*args, **kwargs) on rank 0 alone; every rank returns its result or raises its error.
 
-    The others wait meanwhile, so this is also the barrier behind every file rank 0 writes.
+    The others wait meanwhile (up to MAIN_TIMEOUT), so this is also the barrier behind every
+    file rank 0 writes.
     A RunError or DataError reaches every rank as itself, marked `shared` (every rank raises it,
     rank 0 alone reports it); any other failure of rank 0 reaches the others as a RuntimeError.
     """
@@ -200,7 +241,7 @@ def on_main(fn, *args, **kwargs):
             box[0] = ("error", e)
         except Exception as e:
             box[0], failure = ("crash", f"{type(e).__name__}: {e}"), e
-    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    dist.broadcast_object_list(box, src=0, group=_main_group[0], device=torch.device("cpu"))
     kind, value = box[0]
     if failure is not None:
         raise failure

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from minimal_amkp.atomic import atomic_write_bytes
+from minimal_amkp.atomic import atomic_write_bytes, inside
 from minimal_amkp.chestxray import load_image
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.harvest import upsample
@@ -165,6 +165,6 @@ def write_figures(out_dir, mining, ds, h_f, baseline, am, picks, panel=256):
                   "heat blue (low) to red (high)")
         rgb = mining_strip(image, cams[:, i, c], masks[:, i, c], h_f[i, c], gt_p, base_p, am_p, header)
         rel = os.path.join("figures", f"{BOX_CLASSES[c]}_{os.path.splitext(name)[0]}.png")
-        save_png(os.path.join(out_dir, rel), rgb)
+        save_png(inside(out_dir, rel), rgb)       # plain names cannot leave out_dir; a linked figures/ could
         paths.append(rel)
     return paths

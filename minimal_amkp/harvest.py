@@ -17,11 +17,10 @@ pixel X spans [X, X+1), centre X + 0.5, and is sampled at map coordinate (X + 0.
 so a harvested box is in exactly the coordinates of BBox_List_2017.csv, inside [0, W] × [0, H].
 """
 import numpy as np
-from PIL import Image
 
 from minimal_amkp import reference as R
 from minimal_amkp.atomic import atomic_write_text
-from minimal_amkp.chestxray import HARVEST_HEADER, BBox, DataError, write_bbox_list
+from minimal_amkp.chestxray import HARVEST_HEADER, BBox, png_frame, write_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
 
@@ -55,15 +54,11 @@ def check_mining(mining, ds=None):
 
 
 def frame(ds, name):
-    """(width, height) of the image's PNG, the frame its boxes are in; reads only the header."""
-    path = ds.image_path(name)
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    """(width, height) of the image's PNG, the frame its boxes are in; reads only the header.
+
+    A DataError when the file is missing, is not a PNG or claims more than MAX_PIXELS.
+    """
+    return png_frame(ds.image_path(name))
 
 
 def fused(cams, masks):
@@ -100,7 +95,7 @@ def harvest(heatmaps, names, labels, frames, k=3):
         for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
             up = upsample(heatmaps[i, c], width, height)                     # (H, W)
             # No box thinner than one heatmap cell: the map cannot place an edge more finely.
-            cell = (width / heatmaps.shape[3], height / heatmaps.shape[2])
+            cell = (max(1.0, width / heatmaps.shape[3]), max(1.0, height / heatmaps.shape[2]))
             for r, (x, y, w, h, s) in enumerate(R.boxes_from_heatmap(up, k=k, min_size=cell), start=1):
                 out.append(BBox(name, int(c), float(x), float(y), float(w), float(h), float(s), r))
     return out

@@ -10,7 +10,11 @@ reaches. Here every box of an image counts (no B list, no bound), per ground-tru
   findings spread (EXTENDED): how much of a large finding the best box covers;
 - the gain of a map, mean over its ground-truth boxes of best IoU under H_f minus under H_1,
   which picks the report's figures;
-- where H_1 peaks: the share of labelled maps whose peak cell lies in the chest cavity.
+- where H_1 peaks: the share of labelled maps whose peak cell lies in the chest cavity;
+- whether later rounds find other lesions: on maps with two or more boxes, how often H_t's
+  peak over the cells M_{t-1} left lies in a box, against a frozen network's H_1 ⊙ M_{t-1},
+  whose peak there is simply H_1's next one (the issue "Rounds that learn" asks for this
+  comparison before any "later rounds find new regions" is trusted).
 Every overlap comes from reference.best_overlap; this module only groups them.
 """
 import numpy as np
@@ -79,6 +83,31 @@ def gain_and_loss_picks(gain):
         if low[0] != top[0]:
             picks.append((c, low[0], f"most lost of {len(maps)} maps: best-box IoU H_f - H_1 {low[1]:+.2f}"))
     return picks
+
+
+def later_peaks(cams, masks, names, frames, gt):
+    """For every round t >= 2, over the maps of a class with >= 2 ground-truth boxes where
+    M_{t-1} erased something: the share whose peak over the live cells lies inside one of the
+    boxes, for the learnt H_t and for the frozen H_1 ⊙ M_{t-1}.
+
+    cams, masks (T, n, 8, h, w); frames [(width, height)]; gt per class {image: (g, 4)}.
+    -> [{"t", "maps", "learned", "frozen"}] (shares NaN without such maps)."""
+    def hit(h, live, g, width, height):
+        fx, fy = peak_position(np.where(live, h, -np.inf))
+        x, y = fx * width, fy * height
+        return bool(np.any((g[:, 0] <= x) & (x <= g[:, 0] + g[:, 2]) & (g[:, 1] <= y) & (y <= g[:, 1] + g[:, 3])))
+    out = []
+    for t in range(1, len(cams)):
+        learned, frozen = [], []
+        for c in range(len(BOX_CLASSES)):
+            for i, name in enumerate(names):
+                g, live = gt[c][name], masks[t, i, c] > 0
+                if len(g) >= 2 and not live.all() and live.any():
+                    learned.append(hit(cams[t, i, c], live, g, *frames[i]))
+                    frozen.append(hit(cams[0, i, c], live, g, *frames[i]))
+        out.append(dict(t=t + 1, maps=len(learned), learned=float(np.mean(learned)) if learned else float("nan"),
+                        frozen=float(np.mean(frozen)) if frozen else float("nan")))
+    return out
 
 
 def peak_position(h):

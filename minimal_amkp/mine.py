@@ -5,7 +5,7 @@
     N_A = a frozen copy of the classifier;  M_0 = 1 for every mining image and box class
     for t = 1..T:
         fine-tune N_B on the mining images erased by M_{t-1}, loss (6), until the erased
-            images' L_cls levels off (below)
+            images' loss levels off (below)
         H_t = CAMs of every mining image under M_{t-1} (eq. 7), all 8 box classes
         M_t = update_masks(H_t, M_{t-1}) for the classes an image is labelled with; the classes
             it is negative for keep all-ones masks (nothing there to mine)
@@ -16,9 +16,9 @@ fine-tuned until it is converged on the bbox images", Sec. 3.2). Only the mining
 are used. Each round leaves a record (ROUND_RECORD) so a report can show what mining learnt.
 
 Our choices where the paper is silent:
-- A round ends when an epoch lowers the erased images' L_cls (eval mode, all mining images
-  under M_{t-1}) by less than `mine.level_off` of its value, after at least `mine.min_epochs`
-  and at most `mine.epochs` epochs.
+- A round ends when an epoch lowers the erased-image loss (`erased_loss`: −log σ(z_c) of every
+  mining image's labelled box classes under M_{t-1}, eval mode) by less than `mine.level_off`
+  of its value, after at least `mine.min_epochs` and at most `mine.epochs` epochs.
 - One optimizer serves all T rounds at the constant rate `mine.lr`: its moments carry over
   from round to round and no round restarts a warm-up or a decay. A round's length is decided
   by the criterion above, so a schedule tied to a fixed length would not fit, and a restarted
@@ -42,6 +42,7 @@ import torch
 from minimal_amkp import distributed, ops
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.config import RunError
 from minimal_amkp.model import map_size
 from minimal_amkp.train import (autocast, chunks, infer, optimizer, order, predict, run_epoch,
                                 set_phase, to_device)
@@ -167,13 +168,16 @@ def next_masks(h, m, labels, threshold):
 
 
 def erased_loss(model, mining, masks, device, batch_size, rows):
-    """Eq. (3) over every mining image erased by masks (n, 8, h, w), eval mode: the number a
-    round drives down. This process scores its `rows`; the loss is the whole set's."""
+    """The loss a round drives down: the mean binary cross-entropy −log σ(z_c) over every mining
+    image and box class c it is labelled with, its branch c seeing X erased by M_{t-1} (eval
+    mode). The classes an image is negative for are left out: their masks are all ones and
+    nothing is erased for them. masks (n, 8, h, w); this process scores its `rows`."""
     logits = infer(model, mining, device, batch_size, "erased-image loss", rows,
                    lambda x, idx: model(x, batch_masks(masks[torch.as_tensor(idx)], mining.labels.shape[1])
-                                        .to(device, torch.float32)).logits)
-    logits = distributed.gather(logits if logits is not None else torch.zeros(0, mining.labels.shape[1]))
-    return float(ops.classification_loss(logits.double(), mining.labels.double()))
+                                        .to(device, torch.float32)).logits[:, :B])
+    logits = distributed.gather(logits if logits is not None else torch.zeros(0, B)).double()
+    positive = mining.labels[:, :B].bool()
+    return float(torch.nn.functional.softplus(-logits[positive]).mean()) if positive.any() else 0.0
 
 
 def box_auroc(model, test, device, batch_size):
@@ -201,7 +205,7 @@ def movement(h_t, h_1, m_prev, labels):
 ROUND_RECORD = {
     "t": "the round",
     "epochs": "epochs the round trained",
-    "loss_before": "L_cls of the mining images erased by M_{t-1}, before the round",
+    "loss_before": "−log σ(z_c) of the mining images' labelled box classes erased by M_{t-1}, before the round",
     "loss_after": "the same after the round",
     "kp_ratio": "mean λ·L_KP / L_cls over the round's steps (the paper wants about 1/2)",
     "auroc_b": "box-class test AUROC of N_B after the round",
@@ -231,11 +235,18 @@ def attention_mining(model, mining, train, test, cfg, device, state=None, save=N
                      auroc_a=box_auroc(model, test, device, batch), model_a=None)
         distributed.broadcast_module(model_a)
     else:
-        model_a.load_state_dict(state["model_a"])
+        try:
+            model_a.load_state_dict(state["model_a"])
+        except RuntimeError:
+            raise RunError("the saved N_A holds another architecture; pass --overwrite to start over") from None
     state["model_a"] = model_a.state_dict()
     opt = optimizer(set_phase(model, "mine"), k.lr, cfg.train)
     if state["optimizer"] is not None:
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise RunError(f"the saved mining optimizer does not fit this model ({type(e).__name__}); "
+                           "pass --overwrite to start over") from None
     while state["round"] <= k.rounds:
         t, masks = state["round"], state["masks"][-1]
         if not state["losses"]:
@@ -279,3 +290,47 @@ def leveled_off(losses, k):
         return False
     before, after = losses[-2], losses[-1]
     return before - after < k.level_off * abs(before)
+
+
+STATE_KEYS = ("round", "epoch", "losses", "ratios", "records", "cams", "masks", "optimizer", "auroc_a",
+              "model_a")
+
+
+def mining_problem(state, k, n, h):
+    """What makes a saved `attention_mining` state unusable for a run with MineConfig k, n
+    mining images and h×h maps, or None (checkpoint.check reports it in one line)."""
+    def number(v):
+        return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool))
+
+    def maps(ts, dtype):
+        return isinstance(ts, list) and all(isinstance(t, torch.Tensor) and t.dtype == dtype and
+                                            tuple(t.shape) == (n, B, h, h) for t in ts)
+    if not isinstance(state, dict) or sorted(state) != sorted(STATE_KEYS):
+        return f"its mining state holds keys {sorted(state) if isinstance(state, dict) else type(state).__name__}"
+    t, e = state["round"], state["epoch"]
+    if not (isinstance(t, int) and 1 <= t <= k.rounds + 1 and isinstance(e, int) and 0 <= e <= k.epochs):
+        return f"mining round {t!r}, epoch {e!r} do not fit T = {k.rounds} rounds of at most {k.epochs} epochs"
+    losses, ratios, records = state["losses"], state["ratios"], state["records"]
+    if not (isinstance(losses, list) and len(losses) in ((e + 1,) if e else (0, 1))
+            and all(number(v) for v in losses)):
+        return f"mining losses {losses!r} do not fit epoch {e}"
+    if not (isinstance(ratios, list) and len(ratios) == e and all(r is None or number(r) for r in ratios)):
+        return f"mining KP ratios do not fit epoch {e}"
+    if not (isinstance(records, list) and len(records) == t - 1 and
+            all(isinstance(d, dict) and sorted(d) == sorted(ROUND_RECORD) for d in records)):
+        return f"mining records do not fit round {t}"
+    cams, masks = state["cams"], state["masks"]
+    if not (maps(cams, torch.float32) and maps(masks, torch.uint8)):
+        return f"masks and CAMs are not lists of ({n}, {B}, {h}, {h}) uint8 and float32 maps, as this data set and model need"
+    if len(cams) != t - 1 or len(masks) != min(t, k.rounds):
+        return f"holds {len(masks)} masks and {len(cams)} CAMs in mining round {t}"
+    if any(bool(((m != 0) & (m != 1)).any()) for m in masks) or any(not bool(c.isfinite().all()) for c in cams):
+        return "masks hold values other than 0 and 1, or CAMs values that are not finite"
+    if not (isinstance(state["model_a"], dict) and all(isinstance(v, torch.Tensor) for v in state["model_a"].values())):
+        return "model_a (N_A) is not a state dict"
+    opt = state["optimizer"]
+    if opt is not None and not (isinstance(opt, dict) and {"state", "param_groups"} <= set(opt)):
+        return "the mining optimizer is not an optimizer state dict"
+    if not number(state["auroc_a"]):
+        return "auroc_a is not a number"
+    return None

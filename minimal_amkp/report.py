@@ -13,6 +13,8 @@ with the per-lesion numbers of lesions.py beside the tables and what each round 
 import json
 import math
 import os
+import re
+import urllib.parse
 
 import numpy as np
 
@@ -22,7 +24,7 @@ from minimal_amkp.classes import BOX_CLASSES, CLASSES, SHORT_NAMES
 from minimal_amkp.figures import write_figures
 from minimal_amkp.harvest import (box_prior, by_class, check_mining, frame, fused, harvest,
                                   upsample, write_boxes_csv)
-from minimal_amkp.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, lesion_numbers,
+from minimal_amkp.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
                                   peaks_in_chest)
 from minimal_amkp.mine import ROUND_RECORD
 from minimal_amkp.phantom import read_chest_masks
@@ -103,7 +105,7 @@ def rounds_markdown(rounds):
     if not rounds:
         return []
     lines = ["## Attention-mining rounds", "",
-             "| t | epochs | erased-image L_cls before → after | mean λ·L_KP / L_cls | "
+             "| t | epochs | erased-image loss before → after | mean λ·L_KP / L_cls | "
              "box-class AUROC N_B (N_A) | movement |", "|---|---|---|---|---|---|"]
     for d in rounds:
         lines.append(f"| {d['t']} | {d['epochs']} | {d['loss_before']:.4f} → {d['loss_after']:.4f} | "
@@ -112,8 +114,9 @@ def rounds_markdown(rounds):
     return lines + [""] + [f"- {k}: {v}" for k, v in ROUND_RECORD.items() if k != "t"] + [""]
 
 
-def lesions_markdown(lesions):
-    """Recall by lesion count and extent IoU (lesions.py) for H_1 and H_f, as report.md lines."""
+def lesions_markdown(lesions, later):
+    """Recall by lesion count and extent IoU (lesions.py) for H_1 and H_f, and where later
+    rounds peak on multi-lesion maps, as report.md lines."""
     lines = ["## Lesion by lesion (every box of an image counts)", "",
              "| method | " + " | ".join(f"recall {k}: multi / single" for k in lesions["baseline"]["recall"])
              + " | extent IoU |", "|" + "---|" * (len(CUTS) + 2)]
@@ -128,7 +131,24 @@ def lesions_markdown(lesions):
               "| extent IoU | " + " | ".join(SHORT_NAMES) + " |", "|" + "---|" * (len(SHORT_NAMES) + 1)]
     lines += [f"| {m} | " + " | ".join(fmt(lesions[m]["extent_iou"][c]) for c in BOX_CLASSES) + " |"
               for m in ("baseline", "am")]
+    if later:
+        lines += ["", "Do later rounds find the other lesions? On maps with two or more ground-truth boxes, "
+                  "the share whose peak over the cells M_{t-1} left lies in a box: H_t of the network as "
+                  "mining trained it, against a frozen network's H_1 ⊙ M_{t-1} (H_1's next peak).", "",
+                  "| t | maps | learnt H_t | frozen H_1 ⊙ M_{t-1} |", "|---|---|---|---|"]
+        lines += [f"| {d['t']} | {d['maps']} | {fmt(d['learned'])} | {fmt(d['frozen'])} |" for d in later]
     return lines + [""]
+
+
+def md_text(text):
+    """text (on one line) as literal Markdown inside a link or image text: the characters that
+    could end the text, start markup or an HTML tag are backslash-escaped."""
+    return re.sub(r"([\\`*_\[\]()<>!&|])", r"\\\1", " ".join(str(text).split()))
+
+
+def md_link(path):
+    """A relative path as a Markdown link target: percent-encoded, so ( ) spaces and < > stay inside it."""
+    return urllib.parse.quote(path.replace(os.sep, "/"))
 
 
 def markdown(r, figures):
@@ -151,7 +171,7 @@ def markdown(r, figures):
         *(f"| {t:g} | {m} | " + " | ".join(fmt(a) for a in r["all_boxes"][m][str(t)]) +
           f" | {fmt(nanmean(r['all_boxes'][m][str(t)]))} |" for t in ALL_BOXES_IOU for m in METHODS), "",
         *rounds_markdown(r["rounds"]),
-        *lesions_markdown(r["lesions"]),
+        *lesions_markdown(r["lesions"], r["later_peaks"]),
         "## Boxes per class", "",
         "| | " + " | ".join(SHORT_NAMES) + " |", "|" + "---|" * (len(SHORT_NAMES) + 1),
         "| ground truth | " + " | ".join(str(r["n_gt_boxes"][c]) for c in BOX_CLASSES) + " |",
@@ -182,7 +202,8 @@ def markdown(r, figures):
               "baseline boxes); each strip says which. Image with ground truth (red); H_1 with the "
               "baseline's boxes (green); H_2..H_T with the region erased before that step hatched; H_f "
               "with the AM boxes (green).", ""]
-    lines += [f"Not drawn ({SKIPPED})."] if figures is None else [f"![{os.path.basename(p)}]({p})" for p in figures]
+    lines += [f"Not drawn ({SKIPPED})."] if figures is None else \
+        [f"![{md_text(os.path.basename(p))}]({md_link(p)})" for p in figures]
     lines += ["", "## Notes", "",
               "- Box prior: each class's mean ground-truth box (relative centre and size), one per "
               "positive image, averaged over the OTHER mining images' boxes. ChestX-ray14's training "
@@ -191,7 +212,8 @@ def markdown(r, figures):
               "bilinear (pixel centres at X + 0.5) to the PNG's frame; boxes.csv holds the AM boxes.",
               f"- MaxBoxAccV2 is computed per class in a {r['max_box_acc_v2_size']}-px square frame "
               "(the model input, capped); its mean is over classes.", "", "## Config", "", "```json",
-              json.dumps(jsonable(r["config"]), indent=2, sort_keys=True), "```", ""]
+              # a backquote inside a value (a path, say) could close the fence: JSON may spell it \u0060
+              json.dumps(jsonable(r["config"]), indent=2, sort_keys=True).replace("`", "\\u0060"), "```", ""]
     return "\n".join(lines)
 
 
@@ -235,6 +257,7 @@ def write_report(out_dir, mining, ds, test, config, rounds=()):
                         for m, h in (("baseline", h_1), ("am", h_f))} if extras else None,
         all_boxes=all_boxes, rounds=[dict(d) for d in rounds],
         lesions={m: lesion_numbers(boxes[m], names, gt) for m in ("baseline", "am")},
+        later_peaks=later_peaks(np.asarray(cams, dtype=np.float64), masks, names, frames, gt),
         h1_peaks_in_chest=peaks_in_chest(h_1, names, labels, read_chest_masks(ds.root)),
         auroc=auroc, mean_auroc=nanmean(list(auroc.values())),
         box_auroc=nanmean([auroc[c] for c in BOX_CLASSES]),

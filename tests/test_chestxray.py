@@ -1,6 +1,7 @@
 """The ChestX-ray14 reader on hand-built files in the release's formats, and on broken ones."""
 import gzip
 import os
+import re
 import warnings
 
 import numpy as np
@@ -349,3 +350,108 @@ def test_load_image_errors(tmp_path):
     Image.new("F", (4, 4)).save(tmp_path / "e.tiff")
     with pytest.raises(cx.DataError, match=r"e\.tiff: unsupported image mode 'F'"):
         cx.load_image(tmp_path / "e.tiff", 8)
+
+
+# ---------------------------------------------------------------- hostile names and images
+
+@pytest.mark.parametrize("name", ["q/-.png", "q/../../../X.png", "/etc/passwd", "..", ".", "a\\b.png",
+                                  "x..png", "=HYPERLINK(1).png", "-1+2.png", "@x.png", "a\tb.png"])
+def test_only_plain_image_names_are_read(tmp_path, name):
+    quoted = '"' + name.replace('"', '""') + '"'
+    entry = write(tmp_path / "d.csv", [DE_2017, f"{quoted},Mass,0,1,50,M,PA,1,1,0.1,0.1,"])
+    with pytest.raises(cx.DataError, match=r"d\.csv line 2: image name .* (not a plain file name|control "
+                                           r"character|spreadsheet reads as a formula)"):
+        cx.read_data_entry(entry)
+    boxes = write(tmp_path / "b.csv", [BBOX_2017, f"{quoted},Mass,1,2,3,4"])
+    with pytest.raises(cx.DataError, match=r"b\.csv line 2: image name"):
+        cx.read_bbox_list(boxes)
+    split = write(tmp_path / "s.txt", ["00000001_000.png", name])
+    with pytest.raises(cx.DataError, match=r"s\.txt line 2: image name"):
+        cx.read_split(split)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cx.read_split(split, skip_bad=True) == ["00000001_000.png"]
+    assert re.search(r"^skipped: .*s\.txt line 2: image name", str(caught[0].message)) and len(caught) == 2
+
+
+def test_a_traversing_name_in_a_release_is_refused_or_skipped(tmp_path):
+    rows = ROWS_2017 + ["q/../../../X.png,Mass,0,5,50,M,PA,1,1,0.1,0.1,"]
+    make_root(tmp_path, entries=ROWS_2017, boxes=BOX_ROWS + ["q/-.png,Mass,1,2,3,4"])
+    write(tmp_path / "Data_Entry_2017.csv", [DE_2017] + rows)
+    with pytest.raises(cx.DataError, match=r"Data_Entry_2017\.csv line 6: image name 'q/\.\./\.\./\.\./X\.png' "
+                                           r"is not a plain file name"):
+        cx.read_dataset(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = cx.read_dataset(tmp_path, skip_bad=True)
+    assert len(caught) == 3 and "skipped 2 bad item(s)" in str(caught[-1].message)
+    assert set(ds.entries) == {r.split(",")[0] for r in ROWS_2017}
+    assert all("/" not in b.image for bs in ds.boxes.values() for b in bs)
+
+
+def test_names_with_commas_and_quotes_round_trip_through_our_csv_writers(tmp_path):
+    names = ['a,b.png', 'say "x".png', "00000001_000.png"]
+    boxes = [cx.BBox(n, 0, 1.0, 2.0, 3.0, 4.0, 0.5, 1) for n in names]
+    cx.write_bbox_list(tmp_path / "boxes.csv", boxes)
+    assert cx.read_bbox_list(tmp_path / "boxes.csv") == boxes
+    entries = [cx.Entry(n, label_vector("Mass"), 0, 1, 40, "F", "AP", 64, 64, (0.25, 0.25)) for n in names]
+    cx.write_data_entry(tmp_path / "d.csv", entries)
+    assert [e.image for e in cx.read_data_entry(tmp_path / "d.csv")] == names
+
+
+def hostile_root(tmp_path):
+    """make_root with its four images replaced: a bomb, a 4 MB zTXt, a 4 MB iCCP, damage in the middle."""
+    from hostile import big_chunk, bomb, damage_middle
+    ds = cx.read_dataset(make_root(tmp_path, boxes=[], size=(64, 64)))
+    names = ds.train_val + ds.test
+    bomb(tmp_path / "images" / names[0])
+    big_chunk(tmp_path / "images" / names[1], b"zTXt")
+    big_chunk(tmp_path / "images" / names[2], b"iCCP")
+    noisy = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "images" / names[3])
+    damage_middle(tmp_path / "images" / names[3])
+    return ds, names
+
+
+HOSTILE = [r"20000x20000 pixels, more than the 16777216 \(4096x4096\) this reader accepts",
+           r"cannot read image \(ValueError: Decompressed data too large",
+           r"cannot read image \(ValueError: Decompressed data too large",
+           r"cannot read image \(OSError: "]
+
+
+def test_bombs_huge_chunks_and_damage_in_the_middle_end_in_one_line_or_are_skipped(tmp_path):
+    ds, names = hostile_root(tmp_path)
+    for name, message in zip(names, HOSTILE):
+        with pytest.raises(cx.DataError, match=re.escape(ds.image_path(name)) + ": " + message):
+            cx.load_image(ds.image_path(name), 16)
+        with pytest.raises(cx.DataError, match=r"1 bad image\(s\): .*" + message):
+            cx.check_images(ds, [name])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cx.check_images(ds, names, skip_bad=True) == []
+    assert len(caught) == 5 and "skipped 4 bad item(s)" in str(caught[-1].message)
+    for w, message in zip(caught, HOSTILE):
+        assert re.search(message, str(w.message)) and "\n" not in str(w.message), w.message
+    assert ds.skipped == names and ds.digests == {}
+
+
+def test_a_bomb_is_refused_before_pillow_decodes_it(tmp_path, monkeypatch):
+    from hostile import bomb
+    path = bomb(tmp_path / "b.png")
+    monkeypatch.setattr(cx.Image, "open", lambda *a, **k: pytest.fail("Pillow opened the bomb"))
+    with pytest.raises(cx.DataError, match="20000x20000 pixels"):
+        cx.load_image(path, 8)
+    with pytest.raises(cx.DataError, match="20000x20000 pixels"):
+        cx.png_frame(path)
+
+
+def test_the_largest_real_film_fits_the_pixel_limit():
+    assert 3827 * 3567 <= cx.MAX_PIXELS < 20000 * 20000
+
+
+def test_check_images_records_each_file_crc(tmp_path):
+    import zlib
+    ds = cx.read_dataset(make_root(tmp_path, boxes=[], size=(16, 16)))
+    names = ds.train_val + ds.test
+    assert cx.check_images(ds, names) == names
+    assert ds.digests == {n: zlib.crc32((tmp_path / "images" / n).read_bytes()) for n in names}

@@ -4,6 +4,7 @@ The 2-process checks of the helpers and of training and mining run in one torch.
 spawn (a process start costs seconds on a small machine); each rank writes what it saw to a
 file and the tests compare. The end-to-end test runs the real command under torchrun.
 """
+import contextlib
 import csv
 import os
 import pickle
@@ -25,7 +26,7 @@ from torch import nn
 from minimal_amkp import distributed as D
 from minimal_amkp.cli import parse, plan
 from minimal_amkp.config import ModelConfig, RunError, preset
-from minimal_amkp.mine import compute_cams, frozen_copy, mine_epoch, next_masks
+from minimal_amkp.mine import attention_mining, next_masks
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.train import classification_epoch, optimizer, predict, set_phase
 
@@ -131,14 +132,16 @@ class Memory:
 
 
 def _job():
-    """The three classification phases, then one AM round with KP full and one without, of a
-    micro ResNet-MSA in float64, the CAMs, masks and test scores sharded by image and gathered.
+    """The three classification phases, then attention mining (two rounds with KP full, then one
+    without) of a micro ResNet-MSA in float64, the CAMs, masks and test scores sharded by image
+    and gathered.
 
     Minibatches split unevenly over 2 ranks: training 7 = 4 + 3; mining N = 10 holds n = 1
     erased image (1 + 0) and 9 whole ones (5 + 4).
     """
     cfg = preset("tiny")
     cfg.model = ModelConfig(width=4, blocks=(1, 1, 1, 1), msa_channels=(16, 8))
+    cfg.data.image_size = 64
     # SGD: the ranks agree on the averaged gradient, which every optimizer then uses alike; AdamW's
     # step m/(√v + ε) would lift rounding in near-zero gradients to lr-sized steps (MICRO below).
     cfg.train.optimizer, cfg.train.batch_size, cfg.train.lr, cfg.train.shift = "sgd", 7, 0.05, 0.1
@@ -152,20 +155,20 @@ def _job():
     for phase in ("base", "msa_frozen", "msa"):
         opt = optimizer(set_phase(model, phase), cfg.train.lr, cfg.train)
         out["losses"].append(classification_epoch(model, opt, phase, train, cfg, 0, 0, cpu))
-    model_a = D.broadcast_module(frozen_copy(model))
-    masks = torch.ones(5, 8, 4, 4, dtype=torch.uint8)
-    rows = D.part(np.arange(len(mining)))
-    for round_, kp in ((1, "full"), (2, "none")):
-        cfg.mine.kp = kp
-        opt = optimizer(set_phase(model, "mine"), cfg.mine.lr, cfg.train)
-        out["losses"].append(mine_epoch(model, model_a, opt, mining, train, masks, cfg, 0, round_, 0, cpu))
-        h = compute_cams(model, mining, masks, cpu, 2, rows=rows)
-        out[f"cams{round_}"] = D.gather(h)
-        masks = D.gather(next_masks(h, masks[rows], mining.labels[rows], 0.5))
-        out[f"masks{round_}"] = masks
+    saved = []
+    cfg.mine.kp, cfg.mine.rounds, cfg.mine.min_epochs = "full", 2, 1
+    mined = attention_mining(model, mining, train, train, cfg, cpu, None, saved.append)
+    out["losses"] += [d[k] for d in mined["records"] for k in ("loss_before", "loss_after", "kp_ratio", "auroc_b")]
+    out["cams1"], out["cams2"] = mined["cams"]
+    out["masks1"], out["masks2"] = mined["masks"][1], next_masks(mined["cams"][1], mined["masks"][1],
+                                                                 mining.labels, 0.5)
+    model_a = saved[-1]["model_a"]
+    cfg.mine.kp, cfg.mine.rounds = "none", 1             # the other split: N mining images, no KP
+    again = attention_mining(model, mining, train, train, cfg, cpu)
+    out["losses"].append(again["records"][0]["loss_after"])
     out["scores"] = D.gather(predict(model, train, cpu, 4, rows=D.part(np.arange(len(train)))))
     out["model"] = {k: v.clone() for k, v in model.state_dict().items()}
-    out["model_a"] = {k: v.clone() for k, v in model_a.state_dict().items()}
+    out["model_a"] = {k: v.clone() for k, v in model_a.items()}
     return out
 
 
@@ -354,7 +357,15 @@ def _boxes(path):
     return [r[:6] + r[7:] for r in rows], np.array([float(r[6]) for r in rows])
 
 
-def test_torchrun_job_interrupted_and_resumed_matches_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The 1-process run of MICRO (the phantom generated into its own ./data) that 2-process runs must match."""
+    where = tmp_path_factory.mktemp("one")
+    _run(_command(1, where / "one"), where, where / "one.log")
+    return where / "one"
+
+
+def test_torchrun_job_interrupted_and_resumed_matches_one_process(tmp_path, one_process):
     """`torchrun --nproc-per-node=2` of the real command, stopped after its first checkpoint and
     continued with --resume, against an uninterrupted 1-process run of the same settings.
 
@@ -363,7 +374,7 @@ def test_torchrun_job_interrupted_and_resumed_matches_one_process(tmp_path):
     test scores and weights; they differ by float rounding only, because sums (batch-norm
     statistics, gradients over the minibatch) are taken in another order on 2 processes.
     """
-    two, one = tmp_path / "two", tmp_path / "one"
+    two, one = tmp_path / "two", one_process
     phase, epoch = _interrupt_after_first_checkpoint(_command(2, two), tmp_path, two, tmp_path / "two.log")
     last = len(plan(parse(MICRO)[0])) - 1
     assert phase < last, f"the run reached its last phase (phase {phase}, epoch {epoch}) before it was interrupted"
@@ -371,8 +382,10 @@ def test_torchrun_job_interrupted_and_resumed_matches_one_process(tmp_path):
     assert first.count("generating the phantom") == 1, first[-2000:]
     resumed = _run(_command(2, two, "--resume"), tmp_path, tmp_path / "resume.log")
     assert "resuming" in resumed and resumed.count("done in") == 1, resumed[-2000:]
-    _run(_command(1, one), tmp_path, tmp_path / "one.log")
+    _same_job(two, one)
 
+
+def _same_job(two, one):
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))
     assert files(two) == files(one)
     a, b = np.load(two / "mining.npz"), np.load(one / "mining.npz")
@@ -390,3 +403,123 @@ def test_torchrun_job_interrupted_and_resumed_matches_one_process(tmp_path):
     w2, w1 = (torch.load(d / "model.pt", weights_only=True) for d in (two, one))
     for k, v in w1.items():
         torch.testing.assert_close(w2[k].double(), v.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def _workers(parent):
+    """{RANK: pid} of the processes torchrun (pid `parent`) started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[int(rank)] = int(entry)
+    return found
+
+
+def _start_until_checkpoint(cmd, cwd, out, log, env=None, timeout=240):
+    """Popen `cmd` (logging to `log`) and return it, with its workers' pids, once it has written a checkpoint."""
+    f = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=f, stderr=subprocess.STDOUT)
+    f.close()
+    deadline = time.monotonic() + timeout
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before its first checkpoint:\n{Path(log).read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within the time limit"
+        time.sleep(0.02)
+    workers = _workers(proc.pid)
+    assert sorted(workers) == [0, 1], workers
+    return proc, workers
+
+
+def test_torchrun_restarts_a_killed_rank_and_the_job_resumes_its_own_run(tmp_path, one_process):
+    """--max-restarts=1: rank 1 SIGKILLed after the first checkpoint; torchrun restarts both ranks
+    with TORCHELASTIC_RESTART_COUNT=1 and the same command line, which resumes the run in --out."""
+    out, log = tmp_path / "elastic", tmp_path / "elastic.log"
+    cmd = _command(2, out)
+    cmd.insert(cmd.index("--standalone"), "--max-restarts=1")
+    proc, workers = _start_until_checkpoint(cmd, tmp_path, out, log)
+    try:
+        os.kill(workers[1], signal.SIGKILL)
+        assert proc.wait(timeout=240) == 0, Path(log).read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "resuming" in text and text.count("done in") == 1, text[-3000:]
+    _same_job(out, one_process)
+
+
+def _hang(rank, world, port, folder):
+    """Rank 0 does slow work alone (on_main), then rank 1 stops answering while rank 0 trains on."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), AMKP_COLLECTIVE_TIMEOUT="2")
+    torch.set_num_threads(1)
+    seen = {}
+    with D.session(torch.device("cpu")):
+        seen["slow"] = D.on_main(lambda: time.sleep(4) or "rank 0 took 4 s")   # beyond 2 s: the long group
+        seen["average"] = D.average(torch.tensor(1.0))
+        if rank == 1:
+            time.sleep(20)                                # hung: never joins the next collective
+        else:
+            start = time.monotonic()
+            try:
+                D.average(torch.tensor(2.0))
+            except RuntimeError as e:                    # gloo reports its timeout as a RuntimeError
+                seen["error"] = (D.lost_peer(e), time.monotonic() - start, str(e))
+        with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(seen, f)
+        if rank == 0:
+            os._exit(0)                                    # as the command does: it ends, torchrun stops the rest
+
+
+def test_a_hung_rank_fails_training_collectives_after_the_short_timeout_only(tmp_path):
+    ctx = mp.start_processes(_hang, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "rank0.pkl").exists():
+            assert time.monotonic() < deadline and ctx.processes[0].is_alive() or (tmp_path / "rank0.pkl").exists()
+            time.sleep(0.05)
+    finally:
+        for p in ctx.processes:
+            p.kill()
+            p.join()
+    with open(tmp_path / "rank0.pkl", "rb") as f:
+        seen = pickle.load(f)
+    assert seen["slow"] == "rank 0 took 4 s" and seen["average"] == 1.0
+    lost, waited, message = seen["error"]
+    assert lost and "Timed out" in message and waited < 15, seen
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_torchrun_job_within_minutes(tmp_path):
+    """kill -STOP on rank 1 mid-training: rank 0's next collective gives up after AMKP_COLLECTIVE_TIMEOUT
+    (10 s here), prints one line and exits; torchrun then stops the job (it SIGKILLs the stopped rank
+    after its own grace period). Slow: torchrun's grace period is 30 s."""
+    out, log = tmp_path / "hung", tmp_path / "hung.log"
+    env = dict(_env(), AMKP_COLLECTIVE_TIMEOUT="10")
+    proc, workers = _start_until_checkpoint(_command(2, out), tmp_path, out, log, env=env)
+    try:
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = proc.wait(timeout=300)
+        took = time.monotonic() - stopped
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert code != 0 and took < 120, (code, took, text[-3000:])
+    lines = [line for line in text.splitlines() if line.startswith("minimal_amkp: error: process 0: ")]
+    assert len(lines) == 1 and "one of them died or hung (AMKP_COLLECTIVE_TIMEOUT" in lines[0], text[-3000:]
+    print(f"the job ended {took:.0f} s after rank 1 was stopped")

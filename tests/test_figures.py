@@ -77,25 +77,13 @@ def test_write_figures_names_and_sizes(tmp_path):
     frames = [frame(ds, n) for n in names]
     h_f = fused(mining["cams"], mining["masks"])
     base, am = harvest(mining["cams"][0], names, labels, frames), harvest(h_f, names, labels, frames)
-    paths = F.write_figures(tmp_path / "out", mining, ds, h_f, base, am, per_class=2, panel=64)
-    picks = F.sample(names, labels, ds, 2)
-    assert paths == [os.path.join("figures", f"{BOX_CLASSES[c]}_{names[i][:-4]}.png") for c, i in picks]
-    for c in range(len(BOX_CLASSES)):
-        positive = int(labels[:, c].sum())
-        assert sum(pc == c for pc, _ in picks) == min(2, positive)
+    picks = [(0, 0, "most gained"), (3, 3, "most lost"), (1, 5, "most gained")]
+    paths = F.write_figures(tmp_path / "out", mining, ds, h_f, base, am, picks, panel=64)
+    assert paths == [os.path.join("figures", f"{BOX_CLASSES[c]}_{names[i][:-4]}.png") for c, i, _ in picks]
     T = mining["cams"].shape[0]
     for p in paths:
         im = Image.open(tmp_path / "out" / p)
         assert im.size == ((T + 2) * (64 + 4) + 4, 2 * 16 + 64 + 4) and im.mode == "RGB"
-
-
-def test_sample_prefers_images_with_a_box(tmp_path):
-    ds, mining = make_world(tmp_path)
-    labels = mining["labels"].copy()
-    labels[:, 0] = 1                        # every image labelled Atelectasis; only 0 and 1 boxed
-    ds.boxes[mining["names"][0]] = [b for b in ds.boxes[mining["names"][0]] if b.label != 0]
-    picks = [i for c, i in F.sample(mining["names"], labels, ds, 2) if c == 0]
-    assert picks == [1, 0]                  # image 0's box is gone: the boxed one first, then by name
 
 
 @pytest.mark.parametrize("h, p", [(8, 64), (7, 64), (16, 50), (1, 5), (5, 5)])
@@ -104,3 +92,18 @@ def test_cells_takes_the_cell_under_each_pixel_centre(h, p):
     got = F.cells(m, p)
     centre = np.floor((np.arange(p) + 0.5) * h / p).astype(int)
     np.testing.assert_array_equal(got, m[np.ix_(centre, centre)])
+
+
+def test_figures_are_not_written_through_a_link_that_leaves_the_run_folder(tmp_path):
+    from minimal_amkp.config import RunError
+    ds, mining = make_world(tmp_path)
+    names, labels = mining["names"], mining["labels"]
+    frames = [frame(ds, n) for n in names]
+    h_f = fused(mining["cams"], mining["masks"])
+    base = harvest(mining["cams"][0], names, labels, frames)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "figures")
+    with pytest.raises(RunError, match=r"out/figures/.*\.png: refusing to write outside .*out$"):
+        F.write_figures(tmp_path / "out", mining, ds, h_f, base, base, [(0, 0, "why")], panel=32)
+    assert os.listdir(tmp_path / "elsewhere") == []

@@ -72,6 +72,8 @@ def test_harvest_any_shape_inside_frame(h, w, width, height, kind, seed):
     assert [b.rank for b in boxes] == list(range(1, len(boxes) + 1)) and len(boxes) <= 3
     for b in boxes:
         assert b.label == 7 and 0 <= b.x and 0 <= b.y and b.x + b.w <= width and b.y + b.h <= height, b
+        # No degenerate box: at least one heatmap cell of the frame (or the whole frame) each way.
+        assert b.w >= min(width / w, width) - 1e-9 and b.h >= min(height / h, height) - 1e-9, b
 
 
 def test_heatmap_on_gt_box_gives_acc_one_at_iou_03(tmp_path):

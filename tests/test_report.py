@@ -1,6 +1,7 @@
 """report.py: write_report's files, and its numbers equal to calling the reference directly."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -135,3 +136,18 @@ def test_bad_input(tmp_path, which, change, message):
         write_report(tmp_path / "out", args["mining"], ds, args["test"], args["config"])
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_names_and_settings_cannot_break_report_md(run, tmp_path, monkeypatch):
+    """A plain file name may still hold ] ( ) < >, and a path in the config a run of backquotes."""
+    from minimal_amkp import report
+    ds, mining, test, _, _ = run
+    seen = []
+    monkeypatch.setattr(report, "markdown", lambda r, figures: seen.append(r) or "")
+    write_report(tmp_path / "out", mining, ds, test, {"run": {"data": "/d/```\n# injected", "report_extras": False}})
+    monkeypatch.undo()
+    md = report.markdown(seen[0], [os.path.join("figures", "Mass_a](javascript:x)<img src=y>.png")])
+    line = next(ln for ln in md.splitlines() if ln.startswith("!["))
+    assert line == r"![Mass\_a\]\(javascript:x\)\<img src=y\>.png](figures/Mass_a%5D%28javascript%3Ax%29%3Cimg%20src%3Dy%3E.png)"
+    fence = md.split("```json\n")[1].split("\n```")[0]
+    assert "`" not in fence and json.loads(fence) == seen[0]["config"]

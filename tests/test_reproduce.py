@@ -1,5 +1,6 @@
 """`python -m bench.reproduce` on a micro phantom: every table and verdict, forks, resume, bad input."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -142,3 +143,21 @@ def test_a_fork_from_a_classifier_trained_otherwise_is_refused(capsys, data, stu
     assert reproduce.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "its network was trained with other settings (train.lr: " in err and "cannot fork" in err, err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["config"]["train"].update(lr=0.5), r"came from other settings \(train.lr: 0.5 -> 0.01\)"),
+    (lambda r: r.update(config={"name": "x"}), r"came from other settings \(its sections are \['name'\]\)"),
+])
+def test_a_finished_cell_from_other_settings_is_not_reused(capsys, data, study, tmp_path, change, message):
+    import json
+    import shutil
+    shutil.copytree(study / "study", tmp_path / "study")
+    path = tmp_path / "study" / "am-full-seed0" / "report.json"
+    report = json.loads(path.read_text())
+    change(report)
+    path.write_text(json.dumps(report))
+    assert reproduce.main(study_args(data, tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bench.reproduce: error: cell am-full-seed0: ") and re.search(message, err), err
+    assert not (tmp_path / "reproduction.md").exists()
