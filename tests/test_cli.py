@@ -74,8 +74,6 @@ def test_resume_after_a_kill_ends_where_an_uninterrupted_run_ends(data, finished
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "report.json").exists(), "the run finished before it could be killed"
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["mining"] is None or state["mining"]["round"] <= 2       # not past mining's last round
     r = run(command(data, out, "--resume"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
