@@ -474,8 +474,10 @@ def _hang(rank, world, port, folder):
                 D.average(torch.tensor(2.0))
             except RuntimeError as e:                    # gloo reports its timeout as a RuntimeError
                 seen["error"] = (D.lost_peer(e), time.monotonic() - start, str(e))
-        with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
+        path = os.path.join(folder, f"rank{rank}.pkl")
+        with open(path + ".part", "wb") as f:              # renamed when whole: the test polls for it
             pickle.dump(seen, f)
+        os.replace(path + ".part", path)
         if rank == 0:
             os._exit(0)                                    # as the command does: it ends, torchrun stops the rest
 
