@@ -48,6 +48,7 @@ from minimal_amkp.chestxray import DataError, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError, from_dict, to_dict
 from minimal_amkp.harvest import by_class, check_mining, frame, fused, harvest
+from minimal_amkp.lesions import peak_in_box
 from minimal_amkp.reference.boxes import minmax
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.progress import clock
@@ -226,13 +227,6 @@ def per_round_normalised(cams, masks):
         if scaled is not None:
             out[index][live] = scaled
     return out
-
-
-def peak_in_box(heat, g, width, height):
-    """Whether the centre of heat's peak cell, taken to a width × height frame, is inside a box of g (k, 4)."""
-    r, k = np.unravel_index(np.argmax(heat), heat.shape)
-    x, y = (k + 0.5) * width / heat.shape[1], (r + 0.5) * height / heat.shape[0]
-    return bool(np.any((g[:, 0] <= x) & (x <= g[:, 0] + g[:, 2]) & (g[:, 1] <= y) & (y <= g[:, 1] + g[:, 3])))
 
 
 def peak_hits(cams, masks, names, frames, gt):

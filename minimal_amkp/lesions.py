@@ -92,10 +92,6 @@ def later_peaks(cams, masks, names, frames, gt):
 
     cams, masks (T, n, 8, h, w); frames [(width, height)]; gt per class {image: (g, 4)}.
     -> [{"t", "maps", "learned", "frozen"}] (shares NaN without such maps)."""
-    def hit(h, live, g, width, height):
-        fx, fy = peak_position(np.where(live, h, -np.inf))
-        x, y = fx * width, fy * height
-        return bool(np.any((g[:, 0] <= x) & (x <= g[:, 0] + g[:, 2]) & (g[:, 1] <= y) & (y <= g[:, 1] + g[:, 3])))
     out = []
     for t in range(1, len(cams)):
         learned, frozen = [], []
@@ -103,8 +99,8 @@ def later_peaks(cams, masks, names, frames, gt):
             for i, name in enumerate(names):
                 g, live = gt[c][name], masks[t, i, c] > 0
                 if len(g) >= 2 and not live.all() and live.any():
-                    learned.append(hit(cams[t, i, c], live, g, *frames[i]))
-                    frozen.append(hit(cams[0, i, c], live, g, *frames[i]))
+                    learned.append(peak_in_box(np.where(live, cams[t, i, c], -np.inf), g, *frames[i]))
+                    frozen.append(peak_in_box(np.where(live, cams[0, i, c], -np.inf), g, *frames[i]))
         out.append(dict(t=t + 1, maps=len(learned), learned=float(np.mean(learned)) if learned else float("nan"),
                         frozen=float(np.mean(frozen)) if frozen else float("nan")))
     return out
@@ -115,6 +111,14 @@ def peak_position(h):
     cell (r, c) of an h×w map covers [c/w, (c+1)/w) × [r/h, (r+1)/h) of any frame."""
     r, c = np.unravel_index(np.argmax(h), h.shape)
     return (c + 0.5) / h.shape[1], (r + 0.5) / h.shape[0]
+
+
+def peak_in_box(h, g, width, height):
+    """Whether the centre of map h's peak cell, taken to a width × height frame, lies inside one
+    of the boxes g (k, 4) of that frame (edges included)."""
+    fx, fy = peak_position(h)
+    x, y = fx * width, fy * height
+    return bool(np.any((g[:, 0] <= x) & (x <= g[:, 0] + g[:, 2]) & (g[:, 1] <= y) & (y <= g[:, 1] + g[:, 3])))
 
 
 def peaks_in_chest(h, names, labels, chests):
