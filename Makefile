@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 reproduce: $(STAMP)
-	$(PY) -m bench.reproduce
+	$(PY) -m minimal_amkp.study.reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from minimal_amkp.atomic import atomic_write_text
+from minimal_amkp.run.atomic import atomic_write_text
+from minimal_amkp.run.machine import device_name
 
 from . import report, throughput
 from .providers import OPS, as_numpy, function, providers
@@ -39,17 +40,6 @@ SMALL_SHAPES = [(8, 8, 64, 16, 16), (4, 14, 128, 7, 7), (3, 1, 100, 13, 13)]
 # with N = 32, which only fills the GPU if the kernels split D.
 PAPER_SHAPES = [(64, 8, 768, 32, 32), (64, 14, 768, 32, 32), (64, 8, 768, 64, 64), (64, 14, 768, 64, 64),
                 (32, 14, 768, 16, 16)]
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = names[0] if names else model
-    return f"CPU {model} ({os.cpu_count()} cores)"
 
 
 def cpu_time(fn, budget_s, max_reps):

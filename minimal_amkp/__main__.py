@@ -6,6 +6,6 @@ import sys
 # an idle machine and keeps a shared one (other jobs on the same cores) from grinding to a halt.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from minimal_amkp.cli import main  # noqa: E402  (after the environment is set)
+from minimal_amkp.run.cli import main  # noqa: E402  (after the environment is set)
 
 sys.exit(main())

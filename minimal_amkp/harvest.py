@@ -19,8 +19,8 @@ so a harvested box is in exactly the coordinates of BBox_List_2017.csv, inside [
 import numpy as np
 
 from minimal_amkp import reference as R
-from minimal_amkp.atomic import atomic_write_text
-from minimal_amkp.chestxray import HARVEST_HEADER, BBox, png_frame, write_bbox_list
+from minimal_amkp.run.atomic import atomic_write_text
+from minimal_amkp.data.chestxray import HARVEST_HEADER, BBox, png_frame, write_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
 

@@ -39,7 +39,8 @@ import copy
 import numpy as np
 import torch
 
-from minimal_amkp import distributed, ops
+from minimal_amkp import ops
+from minimal_amkp.run import distributed
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError

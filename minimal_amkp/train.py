@@ -18,10 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minimal_amkp import distributed, ops
+from minimal_amkp import ops
+from minimal_amkp.run import distributed
 from minimal_amkp.config import RunError
-from minimal_amkp.dataset import XrayDataset
-from minimal_amkp.progress import Progress
+from minimal_amkp.data.dataset import XrayDataset
+from minimal_amkp.run.progress import Progress
 
 def pick_device(name):
     if name == "cuda" and not torch.cuda.is_available():

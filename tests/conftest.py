@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """A micro phantom in ChestX-ray14's format, 40 images at 64 px: the end-to-end tests' data set."""
-    from minimal_amkp import phantom
+    from minimal_amkp.data import phantom
     root = tmp_path_factory.mktemp("phantom") / "micro"
     phantom.generate(str(root), n_images=40, size=64, seed=0)
     return str(root)

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from minimal_amkp import reference as R
-from minimal_amkp.chestxray import BBox, ChestXray14, Entry
+from minimal_amkp.data.chestxray import BBox, ChestXray14, Entry
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
 CELL = 8          # PNG pixels per heatmap cell along each axis in make_world

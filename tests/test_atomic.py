@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minimal_amkp import atomic
+from minimal_amkp.run import atomic
 from minimal_amkp.config import RunError
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from minimal_amkp import checkpoint
-from minimal_amkp.chestxray import ChestXray14, Entry
+from minimal_amkp.run import checkpoint
+from minimal_amkp.data.chestxray import ChestXray14, Entry
 from minimal_amkp.config import MineConfig, RunError
 from minimal_amkp.mine import ROUND_RECORD
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minimal_amkp import chestxray as cx
+from minimal_amkp.data import chestxray as cx
 from minimal_amkp.classes import CLASSES
 
 DE_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"

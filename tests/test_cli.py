@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from minimal_amkp import phantom
-from minimal_amkp.cli import main, phantom_root
+from minimal_amkp.data import phantom
+from minimal_amkp.run.cli import main, phantom_root
 from minimal_amkp.config import ModelConfig
 from minimal_amkp.model import ResNetMSA
 
@@ -233,12 +233,12 @@ def copy_run(finished, tmp_path, name="copy"):
 
 def no_image_check(monkeypatch):
     """Make the image check fail the test if it runs: errors about --out must come before it."""
-    import minimal_amkp.cli as cli
+    import minimal_amkp.run.cli as cli
     monkeypatch.setattr(cli, "check_images", lambda *a, **k: pytest.fail("the image check ran"))
 
 
 def stop_after_prepare_out(monkeypatch):
-    import minimal_amkp.cli as cli
+    import minimal_amkp.run.cli as cli
     from minimal_amkp.config import RunError
 
     def stop(cfg):
@@ -384,7 +384,7 @@ def test_a_foreign_config_json_is_refused_and_survives(capsys, data, finished, t
 
 def test_the_manifest_names_every_output_and_overwrite_deletes_exactly_those(monkeypatch, capsys, data, finished,
                                                                             tmp_path):
-    from minimal_amkp import outdir
+    from minimal_amkp.run import outdir
     out = copy_run(finished, tmp_path)
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert set(outdir.read_manifest(str(out))) == files - {outdir.MANIFEST, outdir.LOCK}
@@ -426,8 +426,8 @@ def test_an_unwritable_out_is_one_line_before_the_image_check(monkeypatch, capsy
 
 def test_a_full_disk_is_one_line_before_the_image_check(monkeypatch, capsys, data, tmp_path):
     import errno
-    import minimal_amkp.atomic as atomic
-    import minimal_amkp.cli as cli
+    import minimal_amkp.run.atomic as atomic
+    import minimal_amkp.run.cli as cli
     no_image_check(monkeypatch)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda p: usage._replace(free=1 << 10))
@@ -445,7 +445,7 @@ def test_a_full_disk_is_one_line_before_the_image_check(monkeypatch, capsys, dat
 
 
 def test_space_needed_counts_two_checkpoints_the_model_and_the_maps():
-    from minimal_amkp.cli import space_needed
+    from minimal_amkp.run.cli import space_needed
     from minimal_amkp.config import preset
     cfg = preset("paper")
     need = space_needed(cfg, 880)
@@ -455,7 +455,7 @@ def test_space_needed_counts_two_checkpoints_the_model_and_the_maps():
 
 
 def test_two_runs_on_one_out_do_not_both_proceed(capsys, data, tmp_path):
-    from minimal_amkp import outdir
+    from minimal_amkp.run import outdir
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     first = subprocess.Popen(command(data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -501,7 +501,7 @@ def test_an_elastic_restart_resumes_its_own_run(monkeypatch, capsys, data, finis
 
 def test_an_image_that_breaks_after_the_check_ends_the_run_in_one_line(monkeypatch, capsys, data, tmp_path):
     """The up-front decode is what --skip-bad-images relies on; a file damaged later, mid-run, stops the run."""
-    import minimal_amkp.cli as cli
+    import minimal_amkp.run.cli as cli
     from hostile import damage_middle
     root = tmp_path / "data"
     shutil.copytree(data, root)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from minimal_amkp import chestxray as cx
-from minimal_amkp import phantom
-from minimal_amkp.dataset import XrayDataset
+from minimal_amkp.data import chestxray as cx
+from minimal_amkp.data import phantom
+from minimal_amkp.data.dataset import XrayDataset
 
 
 @pytest.fixture(scope="module")

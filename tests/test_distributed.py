@@ -23,8 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from minimal_amkp import distributed as D
-from minimal_amkp.cli import parse, plan
+from minimal_amkp.run import distributed as D
+from minimal_amkp.run.cli import parse, plan
 from minimal_amkp.config import ModelConfig, RunError, preset
 from minimal_amkp.mine import attention_mining, next_masks
 from minimal_amkp.model import ResNetMSA

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from mining_world import make_world
 
-from minimal_amkp import figures as F
+from minimal_amkp.run import figures as F
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.harvest import frame, fused, harvest
 

@@ -8,7 +8,7 @@ from mining_world import CELL, make_world
 
 from minimal_amkp import harvest as H
 from minimal_amkp import reference as R
-from minimal_amkp.chestxray import BBox, Entry, read_bbox_list
+from minimal_amkp.data.chestxray import BBox, Entry, read_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
 

@@ -1,10 +1,10 @@
-"""bench/kill_resume.py: its plan of moments, its comparison, and (slow) a short run of it."""
+"""study/kill_resume.py: its plan of moments, its comparison, and (slow) a short run of it."""
 import random
 
 import numpy as np
 import pytest
 
-from bench import kill_resume as K
+from minimal_amkp.study import kill_resume as K
 
 
 def test_the_plan_kills_early_inside_saves_and_last_inside_output_writing():

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from minimal_amkp import outdir
-from minimal_amkp.atomic import atomic_write_text
+from minimal_amkp.run import outdir
+from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.config import RunError
 
 

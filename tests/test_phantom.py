@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minimal_amkp import chestxray as cx
-from minimal_amkp import phantom, phantom_anatomy, phantom_draw, phantom_stats
+from minimal_amkp.data import chestxray as cx
+from minimal_amkp.data import phantom
+from minimal_amkp.data.phantom import anatomy as phantom_anatomy
+from minimal_amkp.data.phantom import film as phantom_draw
+from minimal_amkp.data.phantom import stats as phantom_stats
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
 N, SIZE, SEED = 24, 64, 2
@@ -198,7 +201,7 @@ def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, args, mess
         phantom.main(["--out", str(tmp_path / "o")] + args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("python -m minimal_amkp.phantom: error: ")
+    assert err[-1].startswith("python -m minimal_amkp.data.phantom: error: ")
     assert re.search(message, err[-1]), err[-1]
     assert not os.path.exists(tmp_path / "o")
 

@@ -8,10 +8,10 @@ import pytest
 from mining_world import make_world
 
 from minimal_amkp import reference as R
-from minimal_amkp.chestxray import read_bbox_list
+from minimal_amkp.data.chestxray import read_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 from minimal_amkp.harvest import by_class, frame, upsample
-from minimal_amkp.report import write_report
+from minimal_amkp.run.report import write_report
 
 
 def make_test(m=40, seed=1):
@@ -140,7 +140,7 @@ def test_bad_input(tmp_path, which, change, message):
 
 def test_names_and_settings_cannot_break_report_md(run, tmp_path, monkeypatch):
     """A plain file name may still hold ] ( ) < >, and a path in the config a run of backquotes."""
-    from minimal_amkp import report
+    from minimal_amkp.run import report
     ds, mining, test, _, _ = run
     seen = []
     monkeypatch.setattr(report, "markdown", lambda r, figures: seen.append(r) or "")

@@ -1,12 +1,13 @@
-"""`python -m bench.reproduce` on a micro phantom: every table and verdict, forks, resume, bad input."""
+"""`python -m minimal_amkp.study.reproduce` on a micro phantom: every table and verdict, forks, resume, bad input."""
 import os
 import re
 
 import numpy as np
 import pytest
 
-from bench import reproduce, tables
-from minimal_amkp.cli import main as run_pipeline
+from minimal_amkp.study import reproduce
+from minimal_amkp.study import tables
+from minimal_amkp.run.cli import main as run_pipeline
 from minimal_amkp.reference import DEFAULT_AFP_BOUNDS
 
 # 40 images at 64 px and a width-4 network: each of the 18 cells takes a second or two.
@@ -106,7 +107,7 @@ def test_the_no_msa_baseline_trains_as_many_epochs_as_resnet_msa():
 def test_bad_input_ends_with_one_line(capsys, tmp_path, args, code, message):
     assert reproduce.main(["--out", str(tmp_path / "s"), *args]) == code
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("bench.reproduce: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("minimal_amkp.study.reproduce: error: ") and message in err[0], err
     assert not (tmp_path / "s").exists()
 
 
@@ -159,5 +160,5 @@ def test_a_finished_cell_from_other_settings_is_not_reused(capsys, data, study, 
     path.write_text(json.dumps(report))
     assert reproduce.main(study_args(data, tmp_path)) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("bench.reproduce: error: cell am-full-seed0: ") and re.search(message, err), err
+    assert err.startswith("minimal_amkp.study.reproduce: error: cell am-full-seed0: ") and re.search(message, err), err
     assert not (tmp_path / "reproduction.md").exists()

@@ -1,15 +1,15 @@
 """A phantom ChestX-ray14: the release's files and formats, with sketched chests drawn in.
 
-    python -m minimal_amkp.phantom --out DIR [--n-images N] [--size S] [--seed K]
+    python -m minimal_amkp.data.phantom --out DIR [--n-images N] [--size S] [--seed K]
                                    [--label-noise P] [--preview]
-    python -m minimal_amkp.phantom --stats DIR
+    python -m minimal_amkp.data.phantom --stats DIR
 
 writes DIR/images/*.png (8-bit grayscale, named patient_followup.png), Data_Entry_2017.csv
 (2017 variant, trailing commas), BBox_List_2017.csv (real header, `Infiltrate`),
 train_val_list.txt, test_list.txt, optionally preview.png, and one file the release does not
 have: chest_masks.npz, each image's chest cavity (lungs, mediastinum, heart) as a
 CHEST_SIDE² mask, so that a run can measure whether its heatmaps point into the chest.
-`--stats DIR` compares a data set's boxes with the real release (phantom_stats.py).
+`--stats DIR` compares a data set's boxes with the real release (stats.py).
 Choices where the release gives no answer:
 - About half the images are No Finding (40% in test); the rest carry 1-3 findings, drawn with
   prevalence weights flattened from the release's counts so that every class has examples.
@@ -18,7 +18,7 @@ Choices where the release gives no answer:
   lesion of each of its box classes; the other half stay unboxed positives, as most are in the
   release, so classification of the box classes is measured on images that are never mined.
   Boxed images are never in train_val. Lesions of one class come 2-3 to an image often enough
-  that attention mining has more to find (phantom_draw says how later lesions differ).
+  that attention mining has more to find (film.py says how later lesions differ).
 - label_noise P flips each of the 14 labels of each train_val image independently with
   probability P in Data_Entry only (the picture keeps its true signs); test labels stay true.
 - Image i depends only on (seed, i) and PNGs carry no timestamps, so runs are byte-identical
@@ -39,12 +39,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from .chestxray import BBox, DataError, Entry, read_dataset, write_bbox_list, write_data_entry
-from .classes import BOX_CLASSES, CLASSES
-from .harvest import frame
-from .phantom_draw import draw
-from .phantom_stats import box_stats, format_stats
+from minimal_amkp.run.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from minimal_amkp.data.chestxray import BBox, DataError, Entry, read_dataset, write_bbox_list, write_data_entry
+from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.harvest import frame
+from minimal_amkp.data.phantom.film import draw
+from minimal_amkp.data.phantom.stats import box_stats, format_stats
 
 # Relative prevalence of each finding among abnormal images: the release's counts (Hernia 227
 # ... Infiltration 19,894) flattened so a 2,000-image phantom still has every class.
@@ -263,7 +263,7 @@ def write_preview(path, root, names, boxes, n=8, tile=256):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minimal_amkp.phantom",
+    ap = argparse.ArgumentParser(prog="python -m minimal_amkp.data.phantom",
                                  description=__doc__.split("\n")[0])
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--out", help="output folder")
@@ -296,7 +296,3 @@ def main(argv=None):
     print(f"phantom: {s['n_images']} images of {s['size']} px in {s['out']} ({s['seconds']} s): "
           f"train_val {s['train_val']}, test {s['test']}, {s['boxed_images']} boxed images with "
           f"{s['boxes']} boxes ({s['boxed_with_2plus_of_one_class']} with 2+ of one class)")
-
-
-if __name__ == "__main__":
-    main()

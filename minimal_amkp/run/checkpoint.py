@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from minimal_amkp.atomic import atomic_open
+from minimal_amkp.run.atomic import atomic_open
 from minimal_amkp.config import RunError
 from minimal_amkp.mine import mining_problem
 

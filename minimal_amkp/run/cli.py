@@ -22,15 +22,19 @@ import warnings
 import numpy as np
 import torch
 
-from minimal_amkp import checkpoint, distributed, ops, outdir, phantom
-from minimal_amkp.atomic import atomic_open, atomic_write_text
-from minimal_amkp.chestxray import DataError, check_images, read_dataset
+from minimal_amkp import ops
+from minimal_amkp.run import checkpoint
+from minimal_amkp.run import distributed
+from minimal_amkp.run import outdir
+from minimal_amkp.data import phantom
+from minimal_amkp.run.atomic import atomic_open, atomic_write_text
+from minimal_amkp.data.chestxray import DataError, check_images, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import Config, RunError, fields, from_dict, parse_value, preset, to_dict, validate
 from minimal_amkp.mine import attention_mining
 from minimal_amkp.model import ResNetMSA, load_init, map_size
-from minimal_amkp.progress import clock, say
-from minimal_amkp.report import write_report
+from minimal_amkp.run.progress import clock, say
+from minimal_amkp.run.report import write_report
 from minimal_amkp.train import Images, classification_epoch, optimizer, pick_device, predict, set_phase
 
 IGNORED_ON_RESUME = ("run.device", "run.out", "run.report_extras")   # may change between the halves of one run

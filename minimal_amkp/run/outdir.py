@@ -18,7 +18,7 @@ import os
 import posixpath
 import threading
 
-from minimal_amkp.atomic import atomic_write_text, before_write, inside, is_temporary
+from minimal_amkp.run.atomic import atomic_write_text, before_write, inside, is_temporary
 from minimal_amkp.config import RunError
 
 MANIFEST = ".amkp-manifest.json"

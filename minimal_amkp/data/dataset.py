@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from .chestxray import load_image
+from minimal_amkp.data.chestxray import load_image
 
 
 class XrayDataset(torch.utils.data.Dataset):

@@ -1,4 +1,4 @@
-"""Draw one phantom radiograph: the anatomy of phantom_anatomy plus the signs of its findings.
+"""Draw one phantom radiograph: the anatomy of anatomy.py plus the signs of its findings.
 
 Every boxed finding is drawn the way it shows on film, with a conspicuous part (its core) and a
 fainter extent around or beside it; its box is drawn around the whole finding, as a reader
@@ -16,8 +16,8 @@ from collections import namedtuple
 import numpy as np
 from scipy import ndimage
 
-from .classes import CLASSES
-from .phantom_anatomy import Chest, box_of, smoothstep
+from minimal_amkp.classes import CLASSES
+from minimal_amkp.data.phantom.anatomy import Chest, box_of, smoothstep
 
 Lesion = namedtuple("Lesion", "core extent")          # boolean (S, S) supports
 Form = namedtuple("Form", "side amp core strength")   # one lesion's size, density, core weight

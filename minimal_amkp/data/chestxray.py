@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from .atomic import atomic_open
-from .classes import BOX_CLASSES, CLASSES, NO_FINDING
+from minimal_amkp.run.atomic import atomic_open
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, NO_FINDING
 
 # The bracketed column names contain commas, so a CSV reader splits them; trailing empty
 # fields (the 2017 files end every line with a comma) are dropped before comparing.

@@ -1,7 +1,7 @@
 """SIGKILL a run at random moments, resume it each time, and compare with a run left alone.
 
-    python -m bench.kill_resume [--kills 20] [--seed 0] [--work runs/kill-resume]
-        [--result bench/results/kill-resume.md] [--images 600] [--size 128]
+    python -m minimal_amkp.study.kill_resume [--kills 20] [--seed 0] [--work runs/kill-resume]
+        [--result minimal_amkp/study/results/kill-resume.md] [--images 600] [--size 128]
         [any option of python -m minimal_amkp but --data, --out, --resume, --overwrite]
 
 A phantom of --images images at --size px is generated under --work, then:
@@ -31,18 +31,18 @@ import time
 import numpy as np
 import torch
 
-from minimal_amkp.atomic import atomic_write_text
+from minimal_amkp.run.atomic import atomic_write_text
 
 OUTPUTS = ("mining.npz", "test.npz", "model.pt", "boxes.csv", "report.md", "report.json", "figures/")
 POLL_S = 0.002
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m bench.kill_resume")
+    p = argparse.ArgumentParser(prog="python -m minimal_amkp.study.kill_resume")
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/kill-resume")
-    p.add_argument("--result", default="bench/results/kill-resume.md")
+    p.add_argument("--result", default="minimal_amkp/study/results/kill-resume.md")
     p.add_argument("--images", type=int, default=600)
     p.add_argument("--size", type=int, default=128)
     args, rest = p.parse_known_args(argv)
@@ -143,7 +143,7 @@ def run_to_end(cmd, log):
         f.flush()
         done = subprocess.run(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT)
     if done.returncode:
-        raise SystemExit(f"bench.kill_resume: {' '.join(cmd[:4])} ... exited {done.returncode}; see {log}")
+        raise SystemExit(f"minimal_amkp.study.kill_resume: {' '.join(cmd[:4])} ... exited {done.returncode}; see {log}")
 
 
 def compare(whole, killed):
@@ -168,11 +168,11 @@ def main(argv=None):
     work = os.path.abspath(args.work)
     data, whole, killed, log = (os.path.join(work, n) for n in ("data", "whole", "killed", "log.txt"))
     if os.path.exists(work) and os.listdir(work):
-        raise SystemExit(f"bench.kill_resume: {work} is not empty; pick another --work")
+        raise SystemExit(f"minimal_amkp.study.kill_resume: {work} is not empty; pick another --work")
     os.makedirs(work, exist_ok=True)
     load = os.getloadavg()
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", "minimal_amkp.phantom", "--out", data, "--n-images", str(args.images),
+    subprocess.run([sys.executable, "-m", "minimal_amkp.data.phantom", "--out", data, "--n-images", str(args.images),
                     "--size", str(args.size)], env=env(), check=True, stdout=subprocess.DEVNULL)
     options = ["--data.image-size", str(args.size), *options]
     t0 = time.monotonic()
@@ -185,7 +185,7 @@ def main(argv=None):
         how, seconds, left = attempt(cmd, killed, kind, param, log)
         state = "ended before the kill" if not how else ", ".join(left) or "no temporary file"
         rows.append((kind, param, "--resume" in cmd, seconds, how, state))
-        print(f"bench.kill_resume: {len(rows)} {kind} ({param}): {how or 'not'} killed after {seconds:.2f} s; "
+        print(f"minimal_amkp.study.kill_resume: {len(rows)} {kind} ({param}): {how or 'not'} killed after {seconds:.2f} s; "
               f"{state}", file=sys.stderr, flush=True)
         if not how:        # the run got to its end first; resumed, a finished run writes its outputs again
             todo.append(("output writing", rng.choice(OUTPUTS)))
@@ -197,7 +197,7 @@ def main(argv=None):
              f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
              f"({_cpu_name()}); load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}",
              f"- versions: python {platform.python_version()}, torch {torch.__version__}",
-             f"- command: python -m bench.kill_resume {' '.join(argv if argv is not None else sys.argv[1:])}",
+             f"- command: python -m minimal_amkp.study.kill_resume {' '.join(argv if argv is not None else sys.argv[1:])}",
              f"- data: phantom, {args.images} images at {args.size} px; options: {' '.join(options)}",
              f"- reference run: {reference_s:.0f} s; whole measurement: {total_s / 60:.1f} min", "",
              f"**Result: {'PASS' if not problems else 'FAIL'}** after {sum(bool(r[4]) for r in rows)} kills: "
@@ -211,7 +211,7 @@ def main(argv=None):
                      f"{seconds:.2f} s{'' if how else ' (not killed)'} | {state} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.result)), exist_ok=True)
     atomic_write_text(args.result, "\n".join(lines) + "\n")
-    print(f"bench.kill_resume: {'PASS' if not problems else 'FAIL: ' + '; '.join(problems)}; see {args.result}",
+    print(f"minimal_amkp.study.kill_resume: {'PASS' if not problems else 'FAIL: ' + '; '.join(problems)}; see {args.result}",
           file=sys.stderr)
     return 0 if not problems else 1
 

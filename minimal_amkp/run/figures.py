@@ -12,8 +12,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from minimal_amkp.atomic import atomic_write_bytes, inside
-from minimal_amkp.chestxray import load_image
+from minimal_amkp.run.atomic import atomic_write_bytes, inside
+from minimal_amkp.data.chestxray import load_image
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.harvest import upsample
 

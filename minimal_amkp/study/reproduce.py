@@ -1,7 +1,7 @@
-"""Tables 1-3 of the paper, re-run with several seeds: `python -m bench.reproduce`.
+"""Tables 1-3 of the paper, re-run with several seeds: `python -m minimal_amkp.study.reproduce`.
 
-    python -m bench.reproduce [--seeds 0,1,2] [--sizes S1,S2] [--out runs/reproduce]
-        [--result bench/results/reproduction.md] [--notes bench/results/reproduction_notes.md]
+    python -m minimal_amkp.study.reproduce [--seeds 0,1,2] [--sizes S1,S2] [--out runs/reproduce]
+        [--result minimal_amkp/study/results/reproduction.md] [--notes minimal_amkp/study/results/reproduction_notes.md]
         [--mining-only STUDY] [any option of python -m minimal_amkp but those set per cell]
 
 `--mining-only STUDY` runs only the am-* cells (Tables 2, 3), each from the classifier that
@@ -26,7 +26,7 @@ from its checkpoint. Per seed:
 
 The no-MSA network trains for as many epochs as ResNet-MSA does in all its phases together.
 Tables 1 and 3 score all boxes in B (no AFP cap) at T(IoU) 0.1 and 0.3; Table 2 is each
-am-full's report.json (prior, H_1 and H_f under the AFP bounds of Table 2). bench/tables.py
+am-full's report.json (prior, H_1 and H_f under the AFP bounds of Table 2). study/tables.py
 writes the tables, the paper's numbers beside them and the verdicts.
 """
 import json
@@ -39,20 +39,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bench import tables
-from bench.__main__ import device_name
-from minimal_amkp import checkpoint, cli, outdir
+from minimal_amkp.study import tables
+from minimal_amkp.run import checkpoint
+from minimal_amkp.run import cli
+from minimal_amkp.run import outdir
 from minimal_amkp import reference as R
-from minimal_amkp.atomic import atomic_write_text
-from minimal_amkp.chestxray import DataError, read_dataset
+from minimal_amkp.run.atomic import atomic_write_text
+from minimal_amkp.run.machine import device_name
+from minimal_amkp.data.chestxray import DataError, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError, from_dict, to_dict
 from minimal_amkp.harvest import by_class, check_mining, frame, fused, harvest
-from minimal_amkp.lesions import peak_in_box
+from minimal_amkp.run.lesions import peak_in_box
 from minimal_amkp.reference.boxes import minmax
 from minimal_amkp.model import ResNetMSA
-from minimal_amkp.progress import clock
-from minimal_amkp.report import ground_truth
+from minimal_amkp.run.progress import clock
+from minimal_amkp.run.report import ground_truth
 
 ALL_BOXES_IOU = (0.1, 0.3)                 # the T(IoU) columns of Tables 1 and 3
 # The study reads neither MaxBoxAccV2 nor the figures of its cells' reports: a minute saved per cell at 256 px.
@@ -67,8 +69,8 @@ class StudyConfig:
     seeds: tuple = (0, 1, 2)               # training seeds; the data (phantom seed) stays fixed
     sizes: tuple = ()                      # (S1, S2) of Table 1; () = the preset's S and 2 S
     out: str = "runs/reproduce"
-    result: str = "bench/results/reproduction.md"
-    notes: str = "bench/results/reproduction_notes.md"   # findings written by hand, quoted verbatim
+    result: str = "minimal_amkp/study/results/reproduction.md"
+    notes: str = "minimal_amkp/study/results/reproduction_notes.md"   # findings written by hand, quoted verbatim
     mining_only: str = ""                  # a finished study: run its am-* cells again from its classifiers
 
 
@@ -86,14 +88,14 @@ def _ints(option, text, count=None):
 
 def parse(argv):
     """argv -> (StudyConfig, the options passed on to every cell)."""
-    p = cli._Parser(prog="python -m bench.reproduce", allow_abbrev=False)
+    p = cli._Parser(prog="python -m minimal_amkp.study.reproduce", allow_abbrev=False)
     for name in ("seeds", "sizes", "out", "result", "notes", "mining-only"):
         p.add_argument(f"--{name}")
     ns, rest = p.parse_known_args(argv)
     for token in rest:
         if token.split("=")[0] in MANAGED:
             raise cli.UsageError(f"{token.split('=')[0]}: set by the study for each cell; see --help of "
-                                 "bench.reproduce (--seeds, --sizes, --out)")
+                                 "minimal_amkp.study.reproduce (--seeds, --sizes, --out)")
     study = StudyConfig(out=ns.out or StudyConfig.out, result=ns.result or StudyConfig.result,
                         notes=StudyConfig.notes if ns.notes is None else ns.notes,
                         mining_only=ns.mining_only or "")
@@ -289,7 +291,7 @@ def run_study(study, given, argv):
     start = time.perf_counter()
     for i, (name, options, source) in enumerate(plan):
         cell_argv = given + with_epochs(given, options)
-        print(f"bench.reproduce: cell {i + 1}/{len(plan)} {name}  ({clock(time.perf_counter() - start)} "
+        print(f"minimal_amkp.study.reproduce: cell {i + 1}/{len(plan)} {name}  ({clock(time.perf_counter() - start)} "
               "so far)", file=sys.stderr, flush=True)
         run_cell(name, cell_argv, source)
     datasets, results = {}, {}
@@ -303,7 +305,7 @@ def run_study(study, given, argv):
             notes = f.read()
     meta = dict(machine=device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                 threads=torch.get_num_threads(), cpus=os.cpu_count(), torch=torch.__version__,
-                command=" ".join(["python -m bench.reproduce", *argv]), preset=cfg.run.preset, data=cfg.run.data,
+                command=" ".join(["python -m minimal_amkp.study.reproduce", *argv]), preset=cfg.run.preset, data=cfg.run.data,
                 phantom_images=cfg.data.phantom_images, seeds=list(study.seeds), sizes=list(study.sizes),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     text = tables.markdown(results, meta, notes)
@@ -318,12 +320,12 @@ def main(argv=None):
         study, given = parse(argv)
         run_study(study, given, argv)
     except (RunError, DataError) as e:
-        print(f"bench.reproduce: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"minimal_amkp.study.reproduce: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, cli.UsageError) else 1
     except KeyboardInterrupt:
-        print("bench.reproduce: interrupted; the same command continues the study", file=sys.stderr)
+        print("minimal_amkp.study.reproduce: interrupted; the same command continues the study", file=sys.stderr)
         return 130
-    print(f"bench.reproduce: tables and verdicts in {study.result}", file=sys.stderr)
+    print(f"minimal_amkp.study.reproduce: tables and verdicts in {study.result}", file=sys.stderr)
     return 0
 
 

@@ -19,15 +19,15 @@ import urllib.parse
 import numpy as np
 
 from minimal_amkp import reference as R
-from minimal_amkp.atomic import atomic_write_text
+from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, SHORT_NAMES
-from minimal_amkp.figures import write_figures
+from minimal_amkp.run.figures import write_figures
 from minimal_amkp.harvest import (box_prior, by_class, check_mining, frame, fused, harvest,
                                   upsample, write_boxes_csv)
-from minimal_amkp.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
+from minimal_amkp.run.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
                                   peaks_in_chest)
 from minimal_amkp.mine import ROUND_RECORD
-from minimal_amkp.phantom import read_chest_masks
+from minimal_amkp.data.phantom import read_chest_masks
 
 METHODS = ("prior", "baseline", "am")
 TITLES = {"prior": "Box prior (mean GT box, leave-one-image-out)",

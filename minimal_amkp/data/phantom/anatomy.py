@@ -5,7 +5,7 @@ PA film is the viewer's left to right; y runs down; the thorax spans about [-0.7
 [-0.8, 0.6]. Each image maps that frame onto its pixels through its own scale, shift and small
 rotation, so no finding sits at a fixed pixel. Densities add in attenuation units (air 0,
 soft tissue 1); the film is 1 - exp(-k A) with per-image contrast, gamma, blur and noise.
-phantom_draw.py adds the findings on top and composes the film.
+film.py adds the findings on top and composes the film.
 """
 import numpy as np
 from PIL import Image

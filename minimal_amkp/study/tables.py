@@ -1,4 +1,4 @@
-"""The paper's Tables 1-3 beside the study's, and one verdict per claim (bench/reproduce.py runs it).
+"""The paper's Tables 1-3 beside the study's, and one verdict per claim (study/reproduce.py runs it).
 
 The paper's numbers are transcribed from ../shared/paper.txt (columns in BOX_CLASSES order:
 AT, CM, Effusion (PE), Infiltration, Mass, Nodule, Pneumonia, Pneumothorax). The study's cells
@@ -262,7 +262,7 @@ def _cost(results):
 
 
 def markdown(results, meta, notes=None):
-    """The whole of reproduction.md from {cell kind: {seed: metrics}} (bench.reproduce.measure)."""
+    """The whole of reproduction.md from {cell kind: {seed: metrics}} (minimal_amkp.study.reproduce.measure)."""
     sizes = meta["sizes"]
     total, cost = _cost(results)
     first = next(iter(results["am-full"].values()))
@@ -275,8 +275,8 @@ def markdown(results, meta, notes=None):
         f"{first['n_gt']} ground-truth boxes at size {sizes[0]}. Compute: {total / 60:.1f} minutes, the sum "
         "over cells of their wall time (a resumed cell counts its last part only).", "",
         "Study cells are mean ± standard deviation over the seeds; the paper's numbers are in the "
-        "italic rows beside them. How the cells are made: `bench/reproduce.py`; how verdicts are "
-        "decided: `bench/tables.py` (paired by seed, 95% t-interval of the mean difference).", "",
+        "italic rows beside them. How the cells are made: `minimal_amkp/study/reproduce.py`; how verdicts are "
+        "decided: `minimal_amkp/study/tables.py` (paired by seed, 95% t-interval of the mean difference).", "",
         "## Verdicts", ""] + _verdict_table(results, sizes) + [""]
     if notes:
         lines += ["## What we found", "", notes.strip(), ""]

@@ -2,7 +2,7 @@
 import sys
 import time
 
-from minimal_amkp import distributed
+from minimal_amkp.run import distributed
 
 
 def say(message):

@@ -1,6 +1,6 @@
 """Is the phantom as hard as the real data? Its boxes against the real BBox_List_2017.csv.
 
-    python -m minimal_amkp.phantom --stats DIR
+    python -m minimal_amkp.data.phantom --stats DIR
 
 Two numbers per box class, for any ChestX-ray14-format folder (a phantom, or the release):
 - the median box side, √(w·h) over the image side, against the release's (REAL_MEDIAN_SIDE);
@@ -14,8 +14,8 @@ a factor SIDE_TOLERANCE of the real one.
 """
 import numpy as np
 
-from .classes import BOX_CLASSES
-from .reference import iou
+from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.reference import iou
 
 # Source: /work/shared/chestxray14.md, "Box sizes in the release" and "Where the boxes sit",
 # computed from the 984 boxes of the published BBox_List_2017.csv (1024-px frame).

@@ -1,0 +1,1 @@
+"""Shell: one run. The command line, the output folder, checkpoints, progress, several processes, the report."""
