@@ -7,6 +7,7 @@ whole job runs on a 2-core CPU in minutes. On the command line run options are f
 (`--data DIR`) and hyper-parameters are `--section.field VALUE` (`--train.lr 0.01`).
 """
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -202,3 +203,48 @@ def from_dict(d):
             value = d[section][name]
             setattr(getattr(cfg, section), name, tuple(value) if kind is tuple else value)
     return cfg
+
+
+def apply(cfg, given):
+    """Set cfg's fields from {"section.field": command-line text (or a bool flag)} -> cfg."""
+    for key, text in given.items():
+        section, name = key.split(".")
+        kind = type(getattr(getattr(cfg, section), name))
+        value = text if isinstance(text, bool) else parse_value(section, name, kind, text)
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def as_json(d):
+    """A to_dict as config.json reads back: tuples become lists."""
+    return json.loads(json.dumps(d))
+
+
+def differences(a, b, ignored=()):
+    """["section.field: a's -> b's"] where two as_json configs differ, but for the `ignored` names."""
+    return [f"{s}.{k}: {a[s][k]!r} -> {b[s].get(k)!r}" for s in a for k in a[s]
+            if f"{s}.{k}" not in ignored and a[s][k] != b[s].get(k)]
+
+
+def _kind_ok(value, default):
+    if isinstance(default, bool) or isinstance(default, str):
+        return type(value) is type(default)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def problem(stored):
+    """None if `stored` (parsed JSON) has the sections, fields and kinds of values of a Config, else what is off."""
+    want = as_json(to_dict(Config()))
+    if not isinstance(stored, dict) or set(stored) != set(want):
+        return f"its sections are {sorted(stored) if isinstance(stored, dict) else type(stored).__name__}"
+    for section, defaults in want.items():
+        if not isinstance(stored[section], dict):
+            return f"{section} is {stored[section]!r}"
+        for k, v in stored[section].items():
+            if k not in defaults or not _kind_ok(v, defaults[k]):
+                return f"{section}.{k} is {v!r}"
+    return None

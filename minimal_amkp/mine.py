@@ -40,13 +40,12 @@ import numpy as np
 import torch
 
 from minimal_amkp import ops
-from minimal_amkp.run import distributed
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.classify import Phase, set_phase
 from minimal_amkp.config import RunError
+from minimal_amkp.loop import autocast, chunks, infer, optimizer, order, predict, run_epoch, to_device
 from minimal_amkp.model import map_size
-from minimal_amkp.train import (autocast, chunks, infer, optimizer, order, predict, run_epoch,
-                                set_phase, to_device)
 
 B = len(BOX_CLASSES)                                       # masks and CAMs cover the 8 box classes
 
@@ -68,16 +67,17 @@ def frozen_copy(model):
     return model_a
 
 
-def mining_batches(kp, n_mine, n_train, batch_size, fraction, seed, round_, epoch):
-    """One epoch: [(mining positions, train_val positions)], a pass over the mining images.
+def mining_batches(k, n_mine, n_train, seed, round_, epoch):
+    """One epoch of round `round_` under MineConfig k: [(mining positions, train_val positions)],
+    a pass over the n_mine mining images.
 
-    full/vanilla take n = round(N·fraction) (at least 1) mining images per batch and fill it
-    up with train_val images drawn without replacement, reshuffled when they run out.
+    KP full/vanilla take n = round(N·fraction) (at least 1) mining images per batch of N and
+    fill it up with train_val images drawn without replacement, reshuffled when they run out.
     """
-    tag = f"mine{round_}"
-    if kp == "none":
+    tag, batch_size = f"mine{round_}", k.batch_size
+    if k.kp == "none":
         return [(b, np.zeros(0, np.int64)) for b in chunks(order(seed, tag, epoch, n_mine), batch_size)]
-    n = max(1, round(batch_size * fraction))
+    n = max(1, round(batch_size * k.fraction))
     mine = order(seed, tag, epoch, n_mine)
     mine_batches = [mine[i:i + n] for i in range(0, n_mine, n)]
     need = (batch_size - n) * len(mine_batches)
@@ -115,22 +115,22 @@ def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
     return ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp
 
 
-def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epoch, device):
+def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, runner):
     """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1}.
 
     -> (mean loss, mean λ·L_KP / L_cls over its steps, None without KP)."""
-    k = cfg.mine
-    set_phase(model, "mine")
-    net = distributed.replicate(model)
-    batches = mining_batches(k.kp, len(mining), len(train), k.batch_size, k.fraction, seed, round_, epoch)
+    k, device = cfg.mine, runner.device
+    set_phase(model, Phase.MINE)
+    net = runner.replicate(model)
+    batches = mining_batches(k, len(mining), len(train), cfg.run.seed, round_, epoch)
     if k.kp == "full":                  # KP needs whole images in every process's slice
-        distributed.check_split([len(t) for _, t in batches], "--mine.batch-size (its N − n whole images)")
+        runner.check_split([len(t) for _, t in batches], "--mine.batch-size (its N − n whole images)")
     else:
-        distributed.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
+        runner.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
     ratios = []
 
     def loss_fn(idx):
-        mi, ti = (distributed.part(i) for i in idx)       # this process's slice of each kind
+        mi, ti = (runner.shard(i) for i in idx)           # this process's slice of each kind
         xm, ym = mining.batch(mi)
         m = batch_masks(masks[torch.as_tensor(mi)], ym.shape[1])
         if len(ti):
@@ -141,23 +141,24 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, seed, round_, epo
             _, l_cls, l_kp = am_loss(net, model_a, to_device(xm, device), ym.to(device),
                                      m.to(device, torch.float32), len(mi), k.kp, k.lam)
         # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).
-        l_cls = distributed.share(len(mi) + len(ti), sum(map(len, idx))) * l_cls
+        l_cls = runner.share(len(mi) + len(ti), sum(map(len, idx))) * l_cls
         if l_kp is None:
             return l_cls
-        l_kp = distributed.share(len(ti), len(idx[1])) * l_kp
-        ratios.append(distributed.average(k.lam * l_kp) / distributed.average(l_cls))
+        l_kp = runner.share(len(ti), len(idx[1])) * l_kp
+        ratios.append(runner.average(k.lam * l_kp) / runner.average(l_cls))
         return ops.total_loss(l_cls, l_kp, k.lam)
 
     loss = run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn,
-                     lambda i: k.lr, f"AM round {round_}/{k.rounds} epoch {epoch + 1}")
+                     lambda i: k.lr, f"AM round {round_}/{k.rounds} epoch {epoch + 1}", runner)
     return loss, (float(np.mean(ratios)) if ratios else None)
 
 
-def compute_cams(model, mining, masks, device, batch_size, label="CAMs", rows=None):
-    """H_t: eq. (7) under masks M_{t-1} (n, 8, h, w) for the mining images at positions `rows`
-    (default all) -> float32 (len(rows), 8, h, w)."""
-    h = infer(model, mining, device, batch_size, label, rows,
-              lambda x, idx: model.cam(x, masks[torch.as_tensor(idx)].to(device, torch.float32), B))
+def compute_cams(model, mining, masks, batch_size, label, runner):
+    """H_t: eq. (7) under masks M_{t-1} (n, 8, h, w) for this process's shard of the mining
+    images -> float32 (len(shard), 8, h, w)."""
+    device = runner.device
+    h = infer(model, mining, batch_size, label, runner.rows(len(mining)),
+              lambda x, idx: model.cam(x, masks[torch.as_tensor(idx)].to(device, torch.float32), B), runner)
     return h if h is not None else torch.zeros(0, B, *masks.shape[2:])
 
 
@@ -168,25 +169,25 @@ def next_masks(h, m, labels, threshold):
     return torch.from_numpy(np.where(positive, updated, m.numpy()).astype(np.uint8))
 
 
-def erased_loss(model, mining, masks, device, batch_size, rows):
+def erased_loss(model, mining, masks, batch_size, runner):
     """The loss a round drives down: the mean binary cross-entropy −log σ(z_c) over every mining
     image and box class c it is labelled with, its branch c seeing X erased by M_{t-1} (eval
     mode). The classes an image is negative for are left out: their masks are all ones and
-    nothing is erased for them. masks (n, 8, h, w); this process scores its `rows`."""
-    logits = infer(model, mining, device, batch_size, "erased-image loss", rows,
+    nothing is erased for them. masks (n, 8, h, w); this process scores its shard."""
+    device = runner.device
+    logits = infer(model, mining, batch_size, "erased-image loss", runner.rows(len(mining)),
                    lambda x, idx: model(x, batch_masks(masks[torch.as_tensor(idx)], mining.labels.shape[1])
-                                        .to(device, torch.float32)).logits[:, :B])
-    logits = distributed.gather(logits if logits is not None else torch.zeros(0, B)).double()
+                                        .to(device, torch.float32)).logits[:, :B], runner)
+    logits = runner.gather(logits if logits is not None else torch.zeros(0, B)).double()
     positive = mining.labels[:, :B].bool()
     return float(torch.nn.functional.softplus(-logits[positive]).mean()) if positive.any() else 0.0
 
 
-def box_auroc(model, test, device, batch_size):
+def box_auroc(model, test, batch_size, runner):
     """Mean test AUROC over the 8 box classes (the test split's images are never mined)."""
     if len(test) == 0:
         return float("nan")
-    p = distributed.gather(predict(model, test, device, batch_size, "scoring the test split",
-                                   distributed.part(np.arange(len(test)))))
+    p = predict(model, test, batch_size, runner, "scoring the test split")
     labels = test.labels.numpy()
     return float(np.nanmean([R.auroc(p[:, c], labels[:, c]) for c in range(B)]))
 
@@ -215,33 +216,34 @@ ROUND_RECORD = {
 }
 
 
-def attention_mining(model, mining, train, test, cfg, device, state=None, save=None):
+def attention_mining(model, mining, train, test, cfg, runner, state=None, save=None):
     """The method after classification training: T rounds of AM with KP (module docstring).
 
     model: the trained classifier, fine-tuned in place into N_B; mining, train, test: Images
-    (mining images with their labels, train_val images for KP, the test split for AUROC).
+    (mining images with their labels, train_val images for KP, the test split for AUROC);
+    runner: where it runs (runner.Runner, or the shell's TorchRun for several processes).
     state: what `save` was last given, to resume an interrupted run, or None to start.
     save(state) is called after every epoch and every round; state is a dict of tensors,
     numbers and lists (a checkpoint can hold it).
     -> dict(cams, masks (T, n, 8, h, w) tensors; records: one dict per round, ROUND_RECORD keys)
     """
     k = cfg.mine
-    rows = distributed.part(np.arange(len(mining)))           # the mining images this process maps
+    rows = runner.rows(len(mining))                           # the mining images this process maps
     batch = 2 * k.batch_size
     model_a = frozen_copy(model)
     if state is None:
         h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
         state = dict(round=1, epoch=0, losses=[], ratios=[], records=[], cams=[], optimizer=None,
                      masks=[torch.ones(len(mining), B, h, h, dtype=torch.uint8)],
-                     auroc_a=box_auroc(model, test, device, batch), model_a=None)
-        distributed.broadcast_module(model_a)
+                     auroc_a=box_auroc(model, test, batch, runner), model_a=None)
+        runner.broadcast_module(model_a)
     else:
         try:
             model_a.load_state_dict(state["model_a"])
         except RuntimeError:
             raise RunError("the saved N_A holds another architecture; pass --overwrite to start over") from None
     state["model_a"] = model_a.state_dict()
-    opt = optimizer(set_phase(model, "mine"), k.lr, cfg.train)
+    opt = optimizer(set_phase(model, Phase.MINE), k.lr, cfg.train)
     if state["optimizer"] is not None:
         try:
             opt.load_state_dict(state["optimizer"])
@@ -251,28 +253,27 @@ def attention_mining(model, mining, train, test, cfg, device, state=None, save=N
     while state["round"] <= k.rounds:
         t, masks = state["round"], state["masks"][-1]
         if not state["losses"]:
-            state["losses"].append(erased_loss(model, mining, masks, device, batch, rows))
+            state["losses"].append(erased_loss(model, mining, masks, batch, runner))
         while not leveled_off(state["losses"], k):
-            _, ratio = mine_epoch(model, model_a, opt, mining, train, masks, cfg, cfg.run.seed, t,
-                                  state["epoch"], device)
+            _, ratio = mine_epoch(model, model_a, opt, mining, train, masks, cfg, t, state["epoch"], runner)
             state["epoch"] += 1
             state["ratios"].append(ratio)
-            state["losses"].append(erased_loss(model, mining, masks, device, batch, rows))
+            state["losses"].append(erased_loss(model, mining, masks, batch, runner))
             state["optimizer"] = opt.state_dict()
             if save:
                 save(state)
-        h_t = compute_cams(model, mining, masks, device, batch, f"CAMs H_{t}", rows)
-        state["cams"].append(distributed.gather(h_t))
+        h_t = compute_cams(model, mining, masks, batch, f"CAMs H_{t}", runner)
+        state["cams"].append(runner.gather(h_t))
         labels = mining.labels.numpy()
         ratios = [r for r in state["ratios"] if r is not None]
         state["records"].append(dict(
             t=t, epochs=state["epoch"], loss_before=state["losses"][0], loss_after=state["losses"][-1],
             kp_ratio=float(np.mean(ratios)) if ratios else None,
-            auroc_b=box_auroc(model, test, device, batch), auroc_a=state["auroc_a"],
+            auroc_b=box_auroc(model, test, batch, runner), auroc_a=state["auroc_a"],
             movement=movement(state["cams"][-1].numpy(), state["cams"][0].numpy(), masks.numpy(), labels)
             if t > 1 else None))
         if t < k.rounds:
-            state["masks"].append(distributed.gather(next_masks(h_t, masks[rows], mining.labels[rows],
+            state["masks"].append(runner.gather(next_masks(h_t, masks[rows], mining.labels[rows],
                                                                 k.threshold)))
         state.update(round=t + 1, epoch=0, losses=[], ratios=[])
         if save:
@@ -295,43 +296,3 @@ def leveled_off(losses, k):
 
 STATE_KEYS = ("round", "epoch", "losses", "ratios", "records", "cams", "masks", "optimizer", "auroc_a",
               "model_a")
-
-
-def mining_problem(state, k, n, h):
-    """What makes a saved `attention_mining` state unusable for a run with MineConfig k, n
-    mining images and h×h maps, or None (checkpoint.check reports it in one line)."""
-    def number(v):
-        return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool))
-
-    def maps(ts, dtype):
-        return isinstance(ts, list) and all(isinstance(t, torch.Tensor) and t.dtype == dtype and
-                                            tuple(t.shape) == (n, B, h, h) for t in ts)
-    if not isinstance(state, dict) or sorted(state) != sorted(STATE_KEYS):
-        return f"its mining state holds keys {sorted(state) if isinstance(state, dict) else type(state).__name__}"
-    t, e = state["round"], state["epoch"]
-    if not (isinstance(t, int) and 1 <= t <= k.rounds + 1 and isinstance(e, int) and 0 <= e <= k.epochs):
-        return f"mining round {t!r}, epoch {e!r} do not fit T = {k.rounds} rounds of at most {k.epochs} epochs"
-    losses, ratios, records = state["losses"], state["ratios"], state["records"]
-    if not (isinstance(losses, list) and len(losses) in ((e + 1,) if e else (0, 1))
-            and all(number(v) for v in losses)):
-        return f"mining losses {losses!r} do not fit epoch {e}"
-    if not (isinstance(ratios, list) and len(ratios) == e and all(r is None or number(r) for r in ratios)):
-        return f"mining KP ratios do not fit epoch {e}"
-    if not (isinstance(records, list) and len(records) == t - 1 and
-            all(isinstance(d, dict) and sorted(d) == sorted(ROUND_RECORD) for d in records)):
-        return f"mining records do not fit round {t}"
-    cams, masks = state["cams"], state["masks"]
-    if not (maps(cams, torch.float32) and maps(masks, torch.uint8)):
-        return f"masks and CAMs are not lists of ({n}, {B}, {h}, {h}) uint8 and float32 maps, as this data set and model need"
-    if len(cams) != t - 1 or len(masks) != min(t, k.rounds):
-        return f"holds {len(masks)} masks and {len(cams)} CAMs in mining round {t}"
-    if any(bool(((m != 0) & (m != 1)).any()) for m in masks) or any(not bool(c.isfinite().all()) for c in cams):
-        return "masks hold values other than 0 and 1, or CAMs values that are not finite"
-    if not (isinstance(state["model_a"], dict) and all(isinstance(v, torch.Tensor) for v in state["model_a"].values())):
-        return "model_a (N_A) is not a state dict"
-    opt = state["optimizer"]
-    if opt is not None and not (isinstance(opt, dict) and {"state", "param_groups"} <= set(opt)):
-        return "the mining optimizer is not an optimizer state dict"
-    if not number(state["auroc_a"]):
-        return "auroc_a is not a number"
-    return None

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from minimal_amkp.data import phantom
-from minimal_amkp.run.cli import main, phantom_root
+from minimal_amkp.run.cli import main
+from minimal_amkp.run.job import phantom_root
 from minimal_amkp.config import ModelConfig
 from minimal_amkp.model import ResNetMSA
 
@@ -233,17 +234,17 @@ def copy_run(finished, tmp_path, name="copy"):
 
 def no_image_check(monkeypatch):
     """Make the image check fail the test if it runs: errors about --out must come before it."""
-    import minimal_amkp.run.cli as cli
-    monkeypatch.setattr(cli, "check_images", lambda *a, **k: pytest.fail("the image check ran"))
+    import minimal_amkp.run.job as job
+    monkeypatch.setattr(job, "check_images", lambda *a, **k: pytest.fail("the image check ran"))
 
 
 def stop_after_prepare_out(monkeypatch):
-    import minimal_amkp.run.cli as cli
+    import minimal_amkp.run.job as job
     from minimal_amkp.config import RunError
 
     def stop(cfg):
         raise RunError("stopped after prepare_out")
-    monkeypatch.setattr(cli, "load_data", stop)
+    monkeypatch.setattr(job, "load_data", stop)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -427,10 +428,10 @@ def test_an_unwritable_out_is_one_line_before_the_image_check(monkeypatch, capsy
 def test_a_full_disk_is_one_line_before_the_image_check(monkeypatch, capsys, data, tmp_path):
     import errno
     import minimal_amkp.run.atomic as atomic
-    import minimal_amkp.run.cli as cli
+    import minimal_amkp.run.job as job
     no_image_check(monkeypatch)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(cli.shutil, "disk_usage", lambda p: usage._replace(free=1 << 10))
+    monkeypatch.setattr(job.shutil, "disk_usage", lambda p: usage._replace(free=1 << 10))
     assert main(["--data", data, "--out", str(tmp_path / "a"), *MICRO]) == 1
     assert re.search(r"--out .*a: 0 MiB free on its disk, and this run needs about \d+ MiB more", error_line(capsys))
     monkeypatch.undo()
@@ -445,7 +446,7 @@ def test_a_full_disk_is_one_line_before_the_image_check(monkeypatch, capsys, dat
 
 
 def test_space_needed_counts_two_checkpoints_the_model_and_the_maps():
-    from minimal_amkp.run.cli import space_needed
+    from minimal_amkp.run.job import space_needed
     from minimal_amkp.config import preset
     cfg = preset("paper")
     need = space_needed(cfg, 880)
@@ -501,17 +502,17 @@ def test_an_elastic_restart_resumes_its_own_run(monkeypatch, capsys, data, finis
 
 def test_an_image_that_breaks_after_the_check_ends_the_run_in_one_line(monkeypatch, capsys, data, tmp_path):
     """The up-front decode is what --skip-bad-images relies on; a file damaged later, mid-run, stops the run."""
-    import minimal_amkp.run.cli as cli
+    import minimal_amkp.run.job as job
     from hostile import damage_middle
     root = tmp_path / "data"
     shutil.copytree(data, root)
-    real = cli.check_images
+    real = job.check_images
 
     def check_then_damage(ds, names, **kw):
         good = real(ds, names, **kw)
         damage_middle(root / "images" / good[-1])
         return good
-    monkeypatch.setattr(cli, "check_images", check_then_damage)
+    monkeypatch.setattr(job, "check_images", check_then_damage)
     assert main(["--data", str(root), "--out", str(tmp_path / "out"), *MICRO, "--data.preload", "false",
                  "--skip-bad-images"]) == 1
     assert re.search(r"images/\d+_\d+\.png: cannot read image \(OSError: ", error_line(capsys))

@@ -24,11 +24,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from minimal_amkp.run import distributed as D
-from minimal_amkp.run.cli import parse, plan
+from minimal_amkp.classify import plan
+from minimal_amkp.run.cli import parse
 from minimal_amkp.config import ModelConfig, RunError, preset
 from minimal_amkp.mine import attention_mining, next_masks
 from minimal_amkp.model import ResNetMSA
-from minimal_amkp.train import classification_epoch, optimizer, predict, set_phase
+from minimal_amkp.runner import Runner, Silent, bounds
+from minimal_amkp.classify import classification_epoch, set_phase
+from minimal_amkp.loop import optimizer, predict
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 ROOT = Path(D.__file__).resolve().parents[1]
@@ -55,7 +58,7 @@ def free_port():
 @given(st.integers(0, 300), st.integers(1, 17))
 @settings(max_examples=200, deadline=None)
 def test_parts_tile_every_index_exactly_once_in_rank_order(n, world):
-    parts = [D.part(np.arange(n), r, world) for r in range(world)]
+    parts = [np.arange(n)[slice(*bounds(n, r, world))] for r in range(world)]
     whole = np.concatenate(parts)
     np.testing.assert_array_equal(whole, np.arange(n), err_msg=f"n={n} world={world}")
     sizes = [len(p) for p in parts]
@@ -63,15 +66,15 @@ def test_parts_tile_every_index_exactly_once_in_rank_order(n, world):
 
 
 def test_uneven_and_empty_parts():
-    assert [D.bounds(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
-    assert [D.bounds(2, r, 4) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
-    assert D.bounds(0, 0, 3) == (0, 0)
+    assert [bounds(5, r, 2) for r in range(2)] == [(0, 3), (3, 5)]
+    assert [bounds(2, r, 4) for r in range(4)] == [(0, 1), (1, 2), (2, 2), (2, 2)]
+    assert bounds(0, 0, 3) == (0, 0)
 
 
 @pytest.mark.parametrize("n, rank, world", [(-1, 0, 1), (4, 2, 2), (4, -1, 2), (4, 0, 0)])
 def test_bounds_rejects_bad_arguments(n, rank, world):
     with pytest.raises(ValueError, match=r"^bounds needs n >= 0 and 0 <= rank < world, got n="):
-        D.bounds(n, rank, world)
+        bounds(n, rank, world)
 
 
 @pytest.mark.parametrize("given_env, message", [
@@ -93,15 +96,17 @@ def test_one_process_is_the_identity(monkeypatch):
     for k in TORCHRUN_ENV:
         monkeypatch.delenv(k, raising=False)
     assert D.env() == (0, 1, 0) and D.is_main() and D.world() == 1
+    with D.session(torch.device("cpu"), Silent) as runner:
+        assert type(runner) is Runner and not torch.distributed.is_initialized()
+    assert runner.device == torch.device("cpu") and runner.is_main and (runner.rank, runner.world) == (0, 1)
     rows = np.arange(6.0).reshape(3, 2)
-    assert D.gather(rows) is rows and D.share(3, 3) == 1.0 and D.average(torch.tensor(2.5)) == 2.5
-    assert D.on_main(lambda a, b=0: a + b, 1, b=2) == 3
+    assert runner.gather(rows) is rows and runner.share(3, 3) == 1.0 and runner.average(torch.tensor(2.5)) == 2.5
+    assert runner.on_main(lambda a, b=0: a + b, 1, b=2) == 3 and runner.shard(rows) is not None
+    np.testing.assert_array_equal(runner.shard(rows), rows)
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
     assert D.sync_batch_norm(model, torch.device("cpu")) is model and type(model[1]) is nn.BatchNorm2d
-    assert D.replicate(model, "forward") == model.forward
-    D.check_split([1, 5], "--x")
-    with D.session(torch.device("cpu")) as device:
-        assert device == torch.device("cpu") and not torch.distributed.is_initialized()
+    assert runner.replicate(model, "forward") == model.forward and runner.broadcast_module(model) is model
+    runner.check_split([1, 5], "--x")
 
 
 def _bn_pair(seed):
@@ -116,7 +121,7 @@ def _bn_pair(seed):
 
 
 class Memory:
-    """In-memory stand-in for train.Images, float64: batch(positions) -> (images, labels)."""
+    """In-memory stand-in for data.images.Images, float64: batch(positions) -> (images, labels)."""
 
     def __init__(self, n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -131,7 +136,7 @@ class Memory:
         return self.images[idx], self.labels[idx]
 
 
-def _job():
+def _job(runner):
     """The three classification phases, then attention mining (two rounds with KP full, then one
     without) of a micro ResNet-MSA in float64, the CAMs, masks and test scores sharded by image
     and gathered.
@@ -148,25 +153,24 @@ def _job():
     cfg.train.base_epochs = cfg.train.msa_frozen_epochs = cfg.train.msa_epochs = 1
     cfg.mine.batch_size, cfg.mine.epochs, cfg.mine.lr, cfg.mine.fraction = 10, 1, 0.02, 0.1
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    model = D.sync_batch_norm(ResNetMSA(cfg.model).double(), cpu)
+    model = D.sync_batch_norm(ResNetMSA(cfg.model).double(), runner.device)
     train, mining = Memory(17, 1), Memory(5, 2)
     out = {"losses": []}
-    for phase in ("base", "msa_frozen", "msa"):
+    for phase, _ in plan(cfg):
         opt = optimizer(set_phase(model, phase), cfg.train.lr, cfg.train)
-        out["losses"].append(classification_epoch(model, opt, phase, train, cfg, 0, 0, cpu))
+        out["losses"].append(classification_epoch(model, opt, phase, train, cfg, 0, runner))
     saved = []
     cfg.mine.kp, cfg.mine.rounds, cfg.mine.min_epochs = "full", 2, 1
-    mined = attention_mining(model, mining, train, train, cfg, cpu, None, saved.append)
+    mined = attention_mining(model, mining, train, train, cfg, runner, None, saved.append)
     out["losses"] += [d[k] for d in mined["records"] for k in ("loss_before", "loss_after", "kp_ratio", "auroc_b")]
     out["cams1"], out["cams2"] = mined["cams"]
     out["masks1"], out["masks2"] = mined["masks"][1], next_masks(mined["cams"][1], mined["masks"][1],
                                                                  mining.labels, 0.5)
     model_a = saved[-1]["model_a"]
     cfg.mine.kp, cfg.mine.rounds = "none", 1             # the other split: N mining images, no KP
-    again = attention_mining(model, mining, train, train, cfg, cpu)
+    again = attention_mining(model, mining, train, train, cfg, runner)
     out["losses"].append(again["records"][0]["loss_after"])
-    out["scores"] = D.gather(predict(model, train, cpu, 4, rows=D.part(np.arange(len(train)))))
+    out["scores"] = predict(model, train, 4, runner)
     out["model"] = {k: v.clone() for k, v in model.state_dict().items()}
     out["model_a"] = {k: v.clone() for k, v in model_a.items()}
     return out
@@ -177,33 +181,34 @@ def _worker(rank, world, port, folder):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)                         # as torchrun does: K processes share the cores
     seen = {}
-    with D.session(torch.device("cpu")):
-        seen["rank"], seen["world"], seen["main"] = D.rank(), D.world(), D.is_main()
+    with D.session(torch.device("cpu"), Silent) as runner:
+        seen["rank"], seen["world"], seen["main"] = runner.rank, runner.world, runner.is_main
+        seen["module_rank"] = (D.rank(), D.world(), D.is_main())
         # Uneven and empty shares: 7 rows as 4 + 3, and 1 row as 1 + 0.
-        seen["gather7"] = D.gather(D.part(np.arange(7 * 6, dtype=np.float32).reshape(7, 2, 3)))
-        seen["gather1"] = D.gather(torch.from_numpy(D.part(np.arange(4, dtype=np.uint8).reshape(1, 4))))
+        seen["gather7"] = runner.gather(runner.shard(np.arange(7 * 6, dtype=np.float32).reshape(7, 2, 3)))
+        seen["gather1"] = runner.gather(torch.from_numpy(runner.shard(np.arange(4, dtype=np.uint8).reshape(1, 4))))
         try:
-            D.gather(np.zeros((1, 2 + rank)))
+            runner.gather(np.zeros((1, 2 + rank)))
         except ValueError as e:
             seen["shape_error"] = str(e)
-        seen["on_main"] = D.on_main(lambda: f"computed by rank {D.rank()}")
+        seen["on_main"] = runner.on_main(lambda: f"computed by rank {D.rank()}")
         try:
-            D.on_main(lambda: (_ for _ in ()).throw(RunError("--out x: bad")))
+            runner.on_main(lambda: (_ for _ in ()).throw(RunError("--out x: bad")))
         except RunError as e:
             seen["run_error"] = (str(e), getattr(e, "shared", None))
         try:
-            D.check_split([5, 1], "--train.batch-size")
+            runner.check_split([5, 1], "--train.batch-size")
         except RunError as e:
             seen["split_error"] = str(e)
-        seen["average"] = D.average(torch.tensor(float(rank + 1)))
+        seen["average"] = runner.average(torch.tensor(float(rank + 1)))
         # Global batch norm on this rank's part of a 5-image batch (3 + 2), three steps.
         one, many = _bn_pair(0)
         for step in range(3):
             x = torch.randn(5, 3, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
-            x = D.part(x).requires_grad_(True)
+            x = runner.shard(x).requires_grad_(True)
             w = torch.arange(5 * 3 * 4 * 3, dtype=torch.float64).reshape(5, 3, 4, 3).sin()
             y = many(x)
-            (y * D.part(w)).sum().backward()
+            (y * runner.shard(w)).sum().backward()
             seen[f"bn_y{step}"], seen[f"bn_dx{step}"] = y.detach(), x.grad
         seen["bn_dgamma"], seen["bn_dbeta"] = many.weight.grad, many.bias.grad
         seen["bn_state"] = {k: v.clone() for k, v in many.state_dict().items()}
@@ -213,8 +218,8 @@ def _worker(rank, world, port, folder):
         net = nn.Linear(2, 2)
         with torch.no_grad():
             net.weight.fill_(rank)
-        seen["broadcast"] = D.broadcast_module(net).weight.detach().clone()
-        seen["job"] = _job()
+        seen["broadcast"] = runner.broadcast_module(net).weight.detach().clone()
+        seen["job"] = _job(runner)
     with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(seen, f)
 
@@ -239,6 +244,7 @@ def two_ranks(tmp_path_factory):
 
 def test_two_ranks_know_their_place(two_ranks):
     assert [(s["rank"], s["world"], s["main"]) for s in two_ranks] == [(0, 2, True), (1, 2, False)]
+    assert [s["module_rank"] for s in two_ranks] == [(0, 2, True), (1, 2, False)]
 
 
 def test_gather_puts_uneven_and_empty_parts_back_in_global_order(two_ranks):
@@ -288,7 +294,7 @@ def test_two_processes_train_and_mine_as_one_in_float64(two_ranks):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                         # 2 threads on 2 busy cores run 7x slower
     try:
-        one = _job()
+        one = _job(Runner())
     finally:
         torch.set_num_threads(threads)
     for r, seen in enumerate(two_ranks):
@@ -463,15 +469,15 @@ def _hang(rank, world, port, folder):
                       MASTER_PORT=str(port), AMKP_COLLECTIVE_TIMEOUT="2")
     torch.set_num_threads(1)
     seen = {}
-    with D.session(torch.device("cpu")):
-        seen["slow"] = D.on_main(lambda: time.sleep(4) or "rank 0 took 4 s")   # beyond 2 s: the long group
-        seen["average"] = D.average(torch.tensor(1.0))
+    with D.session(torch.device("cpu"), Silent) as runner:
+        seen["slow"] = runner.on_main(lambda: time.sleep(4) or "rank 0 took 4 s")   # beyond 2 s: the long group
+        seen["average"] = runner.average(torch.tensor(1.0))
         if rank == 1:
             time.sleep(20)                                # hung: never joins the next collective
         else:
             start = time.monotonic()
             try:
-                D.average(torch.tensor(2.0))
+                runner.average(torch.tensor(2.0))
             except RuntimeError as e:                    # gloo reports its timeout as a RuntimeError
                 seen["error"] = (D.lost_peer(e), time.monotonic() - start, str(e))
         path = os.path.join(folder, f"rank{rank}.pkl")

@@ -4,12 +4,14 @@ import pytest
 import torch
 
 from minimal_amkp import reference as R
-from minimal_amkp.config import ModelConfig, preset
+from minimal_amkp.config import MineConfig, ModelConfig, preset
 from minimal_amkp.mine import (ROUND_RECORD, am_loss, attention_mining, batch_masks, compute_cams,
                                frozen_copy, leveled_off, mine_epoch, mining_batches, movement,
                                next_masks)
 from minimal_amkp.model import ResNetMSA
-from minimal_amkp.train import set_phase, optimizer
+from minimal_amkp.classify import Phase, set_phase
+from minimal_amkp.loop import optimizer
+from minimal_amkp.runner import Runner
 
 S, H = 64, 4                                     # micro input and its X side (S/16)
 
@@ -43,9 +45,9 @@ def test_one_am_round_erases_the_cam_peak_of_positive_classes_only():
     cfg, model = micro()
     mining, train = Memory(6, 1), Memory(24, 2)
     m0 = torch.ones(6, 8, H, H, dtype=torch.uint8)
-    opt = optimizer(set_phase(model, "mine"), cfg.mine.lr, cfg.train)
-    mine_epoch(model, frozen_copy(model), opt, mining, train, m0, cfg, 0, 1, 0, torch.device("cpu"))
-    h1 = compute_cams(model, mining, m0, torch.device("cpu"), 4)
+    opt = optimizer(set_phase(model, Phase.MINE), cfg.mine.lr, cfg.train)
+    mine_epoch(model, frozen_copy(model), opt, mining, train, m0, cfg, 1, 0, Runner())
+    h1 = compute_cams(model, mining, m0, 4, "CAMs", Runner())
     m1 = next_masks(h1, m0, mining.labels, 0.5)
     positive = mining.labels[:, :8].bool()
     assert positive.any() and (~positive).any()
@@ -57,25 +59,25 @@ def test_one_am_round_erases_the_cam_peak_of_positive_classes_only():
         hot = (h - h.min()) / (h.max() - h.min()) >= 0.5
         assert np.all(hot[erased]), f"image {i} class {c}: erased a pixel below the threshold"
         np.testing.assert_array_equal(m1[i, c].numpy(), R.update_masks(h, np.ones_like(h)))
-    h2 = compute_cams(model, mining, m1, torch.device("cpu"), 4)
+    h2 = compute_cams(model, mining, m1, 4, "CAMs", Runner())
     assert torch.all(h2[m1 == 0] == 0), "H_2 is not zero where M_1 erased X (eq. 7)"
     m2 = next_masks(h2, m1, mining.labels, 0.5)
     assert torch.all(m2 <= m1) and torch.all(m2[~positive] == 1)
 
 
 def test_mining_batches_mix_n_erased_images_with_whole_train_images():
-    full = mining_batches("full", 20, 50, 16, 0.125, 0, 1, 0)
+    full = mining_batches(MineConfig(kp="full", batch_size=16, fraction=0.125), 20, 50, 0, 1, 0)
     assert [len(m) for m, _ in full] == [2] * 10 and all(len(t) == 14 for _, t in full)
     assert sorted(np.concatenate([m for m, _ in full]).tolist()) == list(range(20))
     train = np.concatenate([t for _, t in full])
     assert train.max() < 50 and len(set(train[:50].tolist())) == 50      # without replacement per lap
-    vanilla = mining_batches("vanilla", 20, 50, 16, 0.125, 0, 1, 0)
+    vanilla = mining_batches(MineConfig(kp="vanilla", batch_size=16, fraction=0.125), 20, 50, 0, 1, 0)
     assert all(np.array_equal(a, c) and np.array_equal(b, d) for (a, b), (c, d) in zip(full, vanilla))
-    none = mining_batches("none", 20, 50, 8, 0.125, 0, 1, 0)
+    none = mining_batches(MineConfig(kp="none", batch_size=8, fraction=0.125), 20, 50, 0, 1, 0)
     assert all(len(t) == 0 for _, t in none) and [len(m) for m, _ in none] == [8, 8]
-    again = mining_batches("full", 20, 50, 16, 0.125, 0, 1, 0)
+    again = mining_batches(MineConfig(kp="full", batch_size=16, fraction=0.125), 20, 50, 0, 1, 0)
     assert all(np.array_equal(a, c) for (a, _), (c, _) in zip(full, again))
-    other = mining_batches("full", 20, 50, 16, 0.125, 0, 1, 1)
+    other = mining_batches(MineConfig(kp="full", batch_size=16, fraction=0.125), 20, 50, 0, 1, 1)
     assert not all(np.array_equal(a, c) for (a, _), (c, _) in zip(full, other))
 
 
@@ -90,12 +92,12 @@ def kp_batch(model):
 def test_full_kp_is_zero_for_identical_networks_and_grows_as_n_b_drifts():
     cfg, model = micro()
     model_a = frozen_copy(model)
-    opt = optimizer(set_phase(model, "mine"), 0.05, cfg.train)
+    opt = optimizer(set_phase(model, Phase.MINE), 0.05, cfg.train)
     x, y, m = kp_batch(model)
     loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
     assert l_kp.item() < 1e-10                     # float rounding only: batches of 8 vs 6 images
     mine_epoch(model, model_a, opt, Memory(6, 1), Memory(24, 2), torch.ones(6, 8, H, H, dtype=torch.uint8),
-               cfg, 0, 1, 0, torch.device("cpu"))
+               cfg, 1, 0, Runner())
     loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
     assert l_kp.item() > 0 and loss.item() == pytest.approx(l_cls.item() + 0.5 * l_kp.item(), rel=1e-6)
     # L_KP is eq. (5) over layer3, layer4, the MSA output and the logits of the 6 whole images
@@ -113,7 +115,7 @@ def test_vanilla_and_none_have_no_kp_term(kp):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
-    set_phase(model, "mine")
+    set_phase(model, Phase.MINE)
     x, y, m = kp_batch(model)
     n = 2 if kp == "vanilla" else 8
     if kp == "none":
@@ -129,13 +131,13 @@ def test_none_mode_never_reads_a_train_image():
         def batch(self, idx):
             raise AssertionError("kp=none read a train_val image")
 
-    opt = optimizer(set_phase(model, "mine"), 0.05, cfg.train)
+    opt = optimizer(set_phase(model, Phase.MINE), 0.05, cfg.train)
     mine_epoch(model, frozen_copy(model), opt, Memory(16, 1), NoTrain(24, 2),
-               torch.ones(16, 8, H, H, dtype=torch.uint8), cfg, 0, 1, 0, torch.device("cpu"))
+               torch.ones(16, 8, H, H, dtype=torch.uint8), cfg, 1, 0, Runner())
 
 
 def mining_run(cfg, model, state=None, save=None):
-    return attention_mining(model, Memory(6, 1), Memory(24, 2), Memory(20, 3), cfg, torch.device("cpu"),
+    return attention_mining(model, Memory(6, 1), Memory(24, 2), Memory(20, 3), cfg, Runner(),
                             state, save)
 
 

@@ -26,7 +26,7 @@ from minimal_amkp import reference as R
 from minimal_amkp.data.chestxray import load_image, read_dataset
 from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
 from minimal_amkp.run.cli import main as run_pipeline
-from minimal_amkp.run.cli import phantom_root
+from minimal_amkp.run.job import phantom_root
 from minimal_amkp.config import from_dict
 from minimal_amkp.run.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
                                   save_png, strip)

@@ -28,6 +28,7 @@ from PIL import Image
 
 from minimal_amkp.run.atomic import atomic_open
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, NO_FINDING
+from minimal_amkp.config import RunError
 
 # The bracketed column names contain commas, so a CSV reader splits them; trailing empty
 # fields (the 2017 files end every line with a comma) are dropped before comparing.
@@ -54,8 +55,9 @@ FORMULA_START = ("=", "+", "-", "@")
 _INDEX = {name: i for i, name in enumerate(CLASSES)}
 
 
-class DataError(ValueError):
-    """A dataset file is missing, malformed or inconsistent; the message says where and why."""
+class DataError(RunError, ValueError):
+    """A dataset file is missing, malformed or inconsistent; the message says where and why.
+    A RunError, so a run reports it in one line like any other problem the user must fix."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

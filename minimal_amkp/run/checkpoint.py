@@ -1,7 +1,7 @@
 """The run's one checkpoint, rewritten atomically after every epoch and every AM round.
 
-It holds where the run stands (phase index, epochs done in it; index len(cli.plan) is attention
-mining), the model N_B, the optimizer of the current classification phase, once mining has
+It holds where the run stands (phase index, epochs done in it; index len(classify.plan) is
+attention mining), the model N_B, the optimizer of the current classification phase, once mining has
 started the state `mine.attention_mining` hands its `save` (N_A, its optimizer, the masks
 M_0..M_{t-1}, CAMs H_1..H_t and round records so far), the torch RNG states (CPU, and CUDA
 when the run uses it), the config and a fingerprint of the data: a SHA-256 per image list (mining, train, test) over each
@@ -18,7 +18,7 @@ import torch
 
 from minimal_amkp.run.atomic import atomic_open
 from minimal_amkp.config import RunError
-from minimal_amkp.mine import mining_problem
+from minimal_amkp.mine import B, ROUND_RECORD, STATE_KEYS
 
 NAME = "checkpoint.pt"
 VERSION = 2
@@ -89,7 +89,7 @@ def _problem(state, phases, mine, n_mining, h, config, ignored, data):
     phase, epoch = state["phase"], state["epoch"]
     if not (_is_int(phase) and 0 <= phase <= len(phases)):
         return f"phase {phase!r} is not one of 0..{len(phases)}"
-    name, epochs = phases[phase] if phase < len(phases) else ("mining", 0)
+    name, epochs = (phases[phase][0].value, phases[phase][1]) if phase < len(phases) else ("mining", 0)
     if not (_is_int(epoch) and 0 <= epoch <= epochs):
         return f"epoch {epoch!r} of phase {name} is not one of 0..{epochs}"
     stored = state["config"]
@@ -162,3 +162,43 @@ def restore_rng(state, device):
     torch.set_rng_state(state["rng"])
     if device.type == "cuda" and state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def mining_problem(state, k, n, h):
+    """What makes a saved `attention_mining` state unusable for a run with MineConfig k, n
+    mining images and h×h maps, or None (checkpoint.check reports it in one line)."""
+    def number(v):
+        return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool))
+
+    def maps(ts, dtype):
+        return isinstance(ts, list) and all(isinstance(t, torch.Tensor) and t.dtype == dtype and
+                                            tuple(t.shape) == (n, B, h, h) for t in ts)
+    if not isinstance(state, dict) or sorted(state) != sorted(STATE_KEYS):
+        return f"its mining state holds keys {sorted(state) if isinstance(state, dict) else type(state).__name__}"
+    t, e = state["round"], state["epoch"]
+    if not (isinstance(t, int) and 1 <= t <= k.rounds + 1 and isinstance(e, int) and 0 <= e <= k.epochs):
+        return f"mining round {t!r}, epoch {e!r} do not fit T = {k.rounds} rounds of at most {k.epochs} epochs"
+    losses, ratios, records = state["losses"], state["ratios"], state["records"]
+    if not (isinstance(losses, list) and len(losses) in ((e + 1,) if e else (0, 1))
+            and all(number(v) for v in losses)):
+        return f"mining losses {losses!r} do not fit epoch {e}"
+    if not (isinstance(ratios, list) and len(ratios) == e and all(r is None or number(r) for r in ratios)):
+        return f"mining KP ratios do not fit epoch {e}"
+    if not (isinstance(records, list) and len(records) == t - 1 and
+            all(isinstance(d, dict) and sorted(d) == sorted(ROUND_RECORD) for d in records)):
+        return f"mining records do not fit round {t}"
+    cams, masks = state["cams"], state["masks"]
+    if not (maps(cams, torch.float32) and maps(masks, torch.uint8)):
+        return f"masks and CAMs are not lists of ({n}, {B}, {h}, {h}) uint8 and float32 maps, as this data set and model need"
+    if len(cams) != t - 1 or len(masks) != min(t, k.rounds):
+        return f"holds {len(masks)} masks and {len(cams)} CAMs in mining round {t}"
+    if any(bool(((m != 0) & (m != 1)).any()) for m in masks) or any(not bool(c.isfinite().all()) for c in cams):
+        return "masks hold values other than 0 and 1, or CAMs values that are not finite"
+    if not (isinstance(state["model_a"], dict) and all(isinstance(v, torch.Tensor) for v in state["model_a"].values())):
+        return "model_a (N_A) is not a state dict"
+    opt = state["optimizer"]
+    if opt is not None and not (isinstance(opt, dict) and {"state", "param_groups"} <= set(opt)):
+        return "the mining optimizer is not an optimizer state dict"
+    if not number(state["auroc_a"]):
+        return "auroc_a is not a number"
+    return None

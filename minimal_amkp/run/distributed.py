@@ -1,15 +1,16 @@
-"""One job on several processes and machines: torchrun's process group, sharding, gathering.
+"""One job on several processes and machines: torchrun's process group, and `TorchRun`, the runner over it.
 
     torchrun --nproc-per-node=K -m minimal_amkp ...        (README: several GPUs or machines)
 
 torchrun starts K copies of the program and tells each its place through RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Started without them (plain `python -m minimal_amkp`)
-the world is one process, no group is created, and every helper here is the identity, so the
-single-process path runs no collective at all.
+the world is one process, no group is created and `session` yields the core's plain
+`runner.Runner`, so the single-process path runs no collective at all. The method never imports
+this module: it is handed a runner (minimal_amkp/runner.py says what each call means).
 
 What makes K processes compute what one process computes:
 - Training: every rank builds the same global minibatches (their order is a function of
-  (seed, phase, epoch), never of K) and takes its contiguous `part` of each. DDP averages the
+  (seed, phase, epoch), never of K) and takes its contiguous `shard` of each. DDP averages the
   gradients over ranks; each rank scales its local mean loss by `share` = K·n_local/n_global,
   so the average is the gradient of the global mean even when the minibatch does not divide
   evenly by K.
@@ -17,7 +18,7 @@ What makes K processes compute what one process computes:
   torch's SyncBatchNorm on CUDA; on CPU, where SyncBatchNorm refuses to run (torch 2.13 raises
   "SyncBatchNorm expected input tensor to be on GPU"), `GlobalBatchNorm`, the same maths with
   gloo all-reduces. So 1 and K processes differ only by float rounding of the reductions.
-- CAMs, mask updates and test scores are computed by image, each rank on its `part` of the
+- CAMs, mask updates and test scores are computed by image, each rank on its `shard` of the
   list, and `gather`ed back into the global order on every rank.
 - Files are written by rank 0 only (`on_main`): the others wait for it and receive its result,
   so rank 0's folder is the single source of truth and the other machines need none of it.
@@ -32,8 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from minimal_amkp.data.chestxray import DataError
 from minimal_amkp.config import RunError
+from minimal_amkp.runner import Runner
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # Two timeouts. A crashed rank is not what they wait for: torchrun ends the whole group as
@@ -106,14 +107,16 @@ def _comm_device():
 
 
 @contextlib.contextmanager
-def session(device):
-    """Join torchrun's process group for the run and leave it after; yields this process's device.
+def session(device, progress):
+    """Join torchrun's process group for the run and leave it after; yields this process's runner.
 
     NCCL when `device` is CUDA (each process takes GPU LOCAL_RANK of its machine), gloo on CPU.
+    One process (no torchrun) gets the plain runner.Runner; progress(label, total) draws the
+    progress lines of rank 0.
     """
     rank_, world_, local = env()
     if world_ == 1:
-        yield device
+        yield Runner(device, progress)
         return
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
@@ -131,7 +134,7 @@ def session(device):
     # on_main's objects travel on the CPU, over gloo whatever the training backend.
     _main_group[0] = dist.new_group(backend="gloo", timeout=MAIN_TIMEOUT)
     try:
-        yield device
+        yield TorchRun(device, progress)
     finally:
         _main_group[0] = None
         dist.destroy_process_group()
@@ -147,121 +150,6 @@ def lost_peer(error):
         isinstance(error, RuntimeError) and ("gloo/transport" in text or "NCCL" in text))
 
 
-def bounds(n, rank_, world_):
-    """[start, stop) of rank_'s contiguous block of n items: the first n % world_ ranks take one more.
-
-    Blocks in rank order tile range(n) exactly once, so concatenating the ranks' results is the
-    global order; a rank gets an empty block when n < world_.
-    """
-    if n < 0 or world_ < 1 or not 0 <= rank_ < world_:
-        raise ValueError(f"bounds needs n >= 0 and 0 <= rank < world, got n={n}, rank={rank_}, world={world_}")
-    q, r = divmod(n, world_)
-    start = rank_ * q + min(rank_, r)
-    return start, start + q + (rank_ < r)
-
-
-def part(items, rank_=None, world_=None):
-    """This process's contiguous slice of `items` (a global minibatch, or every position of a set)."""
-    start, stop = bounds(len(items), rank() if rank_ is None else rank_, world() if world_ is None else world_)
-    return items[start:stop]
-
-
-def share(n_local, n_global):
-    """K·n_local/n_global: scales a rank's mean loss so that DDP's average over ranks is the global mean."""
-    return world() * n_local / n_global
-
-
-def check_split(sizes, option):
-    """RunError unless every global minibatch (their sizes) gives each process at least one image.
-
-    Every rank sees the same sizes and raises alike, so the error is marked `shared`.
-    """
-    small = [s for s in sizes if s < world()]
-    if small:
-        e = RunError(f"{option}: a minibatch of {min(small)} images cannot be split over {world()} processes "
-                     "(each needs at least one image); raise it or start fewer processes")
-        e.shared = True
-        raise e
-
-
-def average(loss):
-    """The mean of a scalar over ranks as a float: with `share`-scaled losses, the global loss."""
-    value = loss.detach().double().reshape(1)
-    if world() > 1:
-        value = value.to(_comm_device())
-        dist.all_reduce(value)
-        value /= world()
-    return value.item()
-
-
-def gather(rows):
-    """Concatenate every rank's `rows` (n_r, ...) in rank order, on every rank.
-
-    Each rank passes its results for its `part` of a list, so the result is in the list's order.
-    The n_r may differ (one more on the first ranks, zero for some); trailing shape and dtype may
-    not. A tensor comes back as a CPU tensor, an ndarray as an ndarray.
-    """
-    if world() == 1:
-        return rows
-    local = torch.as_tensor(rows)
-    dev = _comm_device()
-    shape = torch.zeros(9, dtype=torch.int64, device=dev)            # ndim, then up to 8 sizes
-    if local.dim() > 8:
-        raise ValueError(f"gather takes arrays of at most 8 dimensions, got shape {tuple(local.shape)}")
-    shape[0], shape[1:1 + local.dim()] = local.dim(), torch.tensor(local.shape)
-    shapes = [torch.empty_like(shape) for _ in range(world())]
-    dist.all_gather(shapes, shape)
-    shapes = [tuple(s[1:1 + s[0]].tolist()) for s in shapes]
-    if any(s[1:] != shapes[0][1:] or len(s) != len(shapes[0]) for s in shapes):
-        raise ValueError(f"gather: ranks hold rows of different shapes {shapes}; only the first dimension may differ")
-    longest = max(s[0] for s in shapes)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
-    padded[:len(local)] = local
-    out = [torch.empty_like(padded) for _ in range(world())]
-    dist.all_gather(out, padded)
-    whole = torch.cat([o[:s[0]] for o, s in zip(out, shapes)]).cpu()
-    return whole.numpy() if isinstance(rows, np.ndarray) else whole
-
-
-def on_main(fn, *args, **kwargs):
-    """fn(*args, **kwargs) on rank 0 alone; every rank returns its result or raises its error.
-
-    The others wait meanwhile (up to MAIN_TIMEOUT), so this is also the barrier behind every
-    file rank 0 writes.
-    A RunError or DataError reaches every rank as itself, marked `shared` (every rank raises it,
-    rank 0 alone reports it); any other failure of rank 0 reaches the others as a RuntimeError.
-    """
-    if world() == 1:
-        return fn(*args, **kwargs)
-    box, failure = [None], None
-    if is_main():
-        try:
-            box[0] = ("ok", fn(*args, **kwargs))
-        except (RunError, DataError) as e:
-            box[0] = ("error", e)
-        except Exception as e:
-            box[0], failure = ("crash", f"{type(e).__name__}: {e}"), e
-    dist.broadcast_object_list(box, src=0, group=_main_group[0], device=torch.device("cpu"))
-    kind, value = box[0]
-    if failure is not None:
-        raise failure
-    if kind == "crash":
-        raise RuntimeError(f"rank 0 failed: {value}")
-    if kind == "error":
-        value.shared = True
-        raise value
-    return value
-
-
-def broadcast_module(module):
-    """Overwrite parameters and buffers with rank 0's: one model on every rank, bit for bit."""
-    if world() > 1:
-        with torch.no_grad():
-            for t in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(t, src=0)
-    return module
-
-
 class _Method(nn.Module):
     """`model.<name>` as a module's forward: DDP all-reduces gradients only for graphs that its
     own forward built, and training calls more than one method of the model."""
@@ -274,15 +162,86 @@ class _Method(nn.Module):
         return getattr(self.model, self.name)(*args)
 
 
-def replicate(model, name="__call__"):
-    """`model.<name>` as a callable whose gradients are averaged over ranks (DDP); the method itself for one process.
+class TorchRun(Runner):
+    """The runner of one of torchrun's K processes (see runner.Runner for what each call means)."""
 
-    Build it after deciding which parameters train (DDP registers those that require grad then):
-    building also copies rank 0's parameters and buffers to every rank.
-    """
-    if world() == 1:
-        return getattr(model, name)
-    return DistributedDataParallel(_Method(model, name), gradient_as_bucket_view=True)
+    def __init__(self, device, progress):
+        super().__init__(device, progress)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def average(self, loss):
+        """The mean of a scalar over ranks as a float: with `share`-scaled losses, the global loss."""
+        value = loss.detach().double().reshape(1).to(_comm_device())
+        dist.all_reduce(value)
+        return (value / self.world).item()
+
+    def gather(self, rows):
+        """Concatenate every rank's `rows` (n_r, ...) in rank order, on every rank.
+
+        Each rank passes its results for its `shard` of a list, so the result is in the list's order.
+        The n_r may differ (one more on the first ranks, zero for some); trailing shape and dtype may
+        not. A tensor comes back as a CPU tensor, an ndarray as an ndarray.
+        """
+        local = torch.as_tensor(rows)
+        dev = _comm_device()
+        shape = torch.zeros(9, dtype=torch.int64, device=dev)            # ndim, then up to 8 sizes
+        if local.dim() > 8:
+            raise ValueError(f"gather takes arrays of at most 8 dimensions, got shape {tuple(local.shape)}")
+        shape[0], shape[1:1 + local.dim()] = local.dim(), torch.tensor(local.shape)
+        shapes = [torch.empty_like(shape) for _ in range(self.world)]
+        dist.all_gather(shapes, shape)
+        shapes = [tuple(s[1:1 + s[0]].tolist()) for s in shapes]
+        if any(s[1:] != shapes[0][1:] or len(s) != len(shapes[0]) for s in shapes):
+            raise ValueError(f"gather: ranks hold rows of different shapes {shapes}; only the first dimension may differ")
+        longest = max(s[0] for s in shapes)
+        padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=dev)
+        padded[:len(local)] = local
+        out = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(out, padded)
+        whole = torch.cat([o[:s[0]] for o, s in zip(out, shapes)]).cpu()
+        return whole.numpy() if isinstance(rows, np.ndarray) else whole
+
+    def on_main(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on rank 0 alone; every rank returns its result or raises its error.
+
+        The others wait meanwhile (up to MAIN_TIMEOUT), so this is also the barrier behind every
+        file rank 0 writes.
+        A RunError (a DataError is one) reaches every rank as itself, marked `shared` (every rank raises it,
+        rank 0 alone reports it); any other failure of rank 0 reaches the others as a RuntimeError.
+        """
+        box, failure = [None], None
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn(*args, **kwargs))
+            except RunError as e:
+                box[0] = ("error", e)
+            except Exception as e:
+                box[0], failure = ("crash", f"{type(e).__name__}: {e}"), e
+        dist.broadcast_object_list(box, src=0, group=_main_group[0], device=torch.device("cpu"))
+        kind, value = box[0]
+        if failure is not None:
+            raise failure
+        if kind == "crash":
+            raise RuntimeError(f"rank 0 failed: {value}")
+        if kind == "error":
+            value.shared = True
+            raise value
+        return value
+
+    def broadcast_module(self, module):
+        """Overwrite parameters and buffers with rank 0's: one model on every rank, bit for bit."""
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t, src=0)
+        return module
+
+    def replicate(self, model, name="__call__"):
+        """`model.<name>` as a callable whose gradients are averaged over ranks (DDP).
+
+        Build it after deciding which parameters train (DDP registers those that require grad then):
+        building also copies rank 0's parameters and buffers to every rank.
+        """
+        return DistributedDataParallel(_Method(model, name), gradient_as_bucket_view=True)
 
 
 class _SumOverRanks(torch.autograd.Function):

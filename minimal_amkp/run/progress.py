@@ -19,12 +19,11 @@ def clock(seconds):
 class Progress:
     """`\\r`-updated line on stderr, redrawn at most every `every` seconds; close() ends it.
 
-    Drawn by rank 0 only when several processes run.
+    Runs of several processes make it on rank 0 only (runner.Runner.progress).
     """
 
     def __init__(self, label, total, every=0.25):
         self.label, self.total, self.every = label, max(total, 1), every
-        self.quiet = not distributed.is_main()
         self.start = self.last = time.perf_counter()
         self.images, self.step, self.loss, self.width = 0, 0, None, 0
 
@@ -37,8 +36,6 @@ class Progress:
             self._draw(now)
 
     def _draw(self, now):
-        if self.quiet:
-            return
         spent = max(now - self.start, 1e-9)
         left = spent / max(self.step, 1) * (self.total - self.step)
         loss = f"  loss {self.loss:.4f}" if self.loss is not None else ""
@@ -49,8 +46,6 @@ class Progress:
         self.width = len(line)
 
     def close(self):
-        if self.quiet:
-            return
         now = time.perf_counter()
         self._draw(now)
         sys.stderr.write(f"  ({clock(now - self.start)})\n")

@@ -42,13 +42,15 @@ import torch
 from minimal_amkp.study import tables
 from minimal_amkp.run import checkpoint
 from minimal_amkp.run import cli
+from minimal_amkp.run.job import IGNORED_ON_RESUME, phantom_root, run
 from minimal_amkp.run import outdir
 from minimal_amkp import reference as R
 from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.run.machine import device_name
 from minimal_amkp.data.chestxray import DataError, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
-from minimal_amkp.config import RunError, from_dict, to_dict
+from minimal_amkp.classify import plan
+from minimal_amkp.config import RunError, as_json, differences, from_dict, problem, to_dict
 from minimal_amkp.harvest import by_class, check_mining, frame, fused, harvest
 from minimal_amkp.run.lesions import peak_in_box
 from minimal_amkp.reference.boxes import minmax
@@ -88,7 +90,7 @@ def _ints(option, text, count=None):
 
 def parse(argv):
     """argv -> (StudyConfig, the options passed on to every cell)."""
-    p = cli._Parser(prog="python -m minimal_amkp.study.reproduce", allow_abbrev=False)
+    p = cli.Parser(prog="python -m minimal_amkp.study.reproduce", allow_abbrev=False)
     for name in ("seeds", "sizes", "out", "result", "notes", "mining-only"):
         p.add_argument(f"--{name}")
     ns, rest = p.parse_known_args(argv)
@@ -150,7 +152,7 @@ def fork(source, argv):
     state = checkpoint.load(source)
     if state is None or state["mining"] is None:
         raise RunError(f"{source}: holds no network trained up to mining to fork {out} from")
-    trained, wanted = cli._json(state["config"]), cli._json(to_dict(cfg))
+    trained, wanted = as_json(state["config"]), as_json(to_dict(cfg))
     diff = [f"{s}.{k}: {trained[s].get(k)!r} there, {v!r} here" for s in ("model", "data", "train")
             for k, v in wanted[s].items() if k not in ("workers", "preload") and trained[s].get(k) != v]
     diff += [f"run.{k}" for k in ("data", "init") if trained["run"][k] != wanted["run"][k]]
@@ -165,7 +167,7 @@ def fork(source, argv):
     try:
         torch.manual_seed(cfg.run.seed)
         # Classification done, mining not started: the fork mines from N_A as its own classifier.
-        checkpoint.save(out, config=to_dict(cfg), data=state["data"], phase=len(cli.plan(cfg)), epoch=0,
+        checkpoint.save(out, config=to_dict(cfg), data=state["data"], phase=len(plan(cfg)), epoch=0,
                         model=model, opt=None, mining=None)
         # config.json last: a folder holding it holds a whole fork, so --resume may continue it.
         atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
@@ -182,8 +184,8 @@ def check_finished(name, argv):
             stored = json.load(f).get("config")
     except (OSError, ValueError, AttributeError) as e:
         raise RunError(f"cell {name}: {path} is unreadable ({e}); delete {out} to run the cell again") from None
-    problem = cli._config_problem(stored)
-    diff = [problem] if problem else cli._differences(stored, cli._json(to_dict(cli.parse(argv)[0])))
+    what = problem(stored)
+    diff = [what] if what else differences(stored, as_json(to_dict(cli.parse(argv)[0])), IGNORED_ON_RESUME)
     if diff:
         raise RunError(f"cell {name}: {path} came from other settings ({'; '.join(diff[:3])}); use another --out, "
                        f"or delete {out} to run the cell again")
@@ -201,11 +203,10 @@ def run_cell(name, argv, source):
     resume = os.path.exists(os.path.join(out, "config.json"))
     if not resume and os.path.isdir(out):
         shutil.rmtree(out)                     # a cell that died before its first checkpoint
-    code = cli.main(argv + (["--resume"] if resume else []))
-    if code == 130:
-        raise KeyboardInterrupt
-    if code:
-        raise RunError(f"cell {name} failed (exit {code}, message above); its folder is {out}")
+    try:
+        run(cli.parse(argv)[0], resume=resume)
+    except RunError as e:
+        raise RunError(f"cell {name} failed ({e}); its folder is {out}") from None
     seconds = time.perf_counter() - start
     atomic_write_text(os.path.join(out, "seconds.json"), json.dumps({"seconds": seconds}) + "\n")
 
@@ -262,7 +263,7 @@ def measure(out, datasets):
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     cfg = from_dict(report["config"])
-    root = cfg.run.data or cli.phantom_root(cfg)
+    root = cfg.run.data or phantom_root(cfg)
     if root not in datasets:
         datasets[root] = read_dataset(root)
     ds = datasets[root]

@@ -5,13 +5,15 @@ import torch
 
 from minimal_amkp.config import ModelConfig, preset
 from minimal_amkp.model import ResNetMSA
-from minimal_amkp.train import chunks, classification_epoch, lr_at, order, predict, set_phase, optimizer
+from minimal_amkp.classify import Phase, classification_epoch, lr_at, set_phase
+from minimal_amkp.loop import chunks, optimizer, order, predict
+from minimal_amkp.runner import Runner
 
 S = 64
 
 
 class Learnable:
-    """In-memory stand-in for train.Images whose labels are visible: class c < 4 is on when the
+    """In-memory stand-in for data.images.Images whose labels are visible: class c < 4 is on when the
     image is bright in the c-th horizontal band; the other classes are always off."""
 
     def __init__(self, n, seed):
@@ -57,10 +59,10 @@ def test_lr_warms_up_then_decays_to_zero():
 
 
 @pytest.mark.parametrize("phase, frozen, trained", [
-    ("base", ["fc.weight", "msa.reduce4.0.weight"], ["base_fc.weight", "conv1.weight", "layer4.0.conv3.weight"]),
-    ("msa_frozen", ["conv1.weight", "layer4.0.conv3.weight", "base_fc.weight"], ["fc.weight", "msa.reduce3.0.weight"]),
-    ("msa", ["base_fc.weight"], ["conv1.weight", "fc.weight", "msa.reduce4.0.weight"]),
-    ("mine", ["base_fc.weight"], ["conv1.weight", "fc.weight", "msa.reduce4.0.weight"])])
+    (Phase.BASE, ["fc.weight", "msa.reduce4.0.weight"], ["base_fc.weight", "conv1.weight", "layer4.0.conv3.weight"]),
+    (Phase.MSA_FROZEN, ["conv1.weight", "layer4.0.conv3.weight", "base_fc.weight"], ["fc.weight", "msa.reduce3.0.weight"]),
+    (Phase.MSA, ["base_fc.weight"], ["conv1.weight", "fc.weight", "msa.reduce4.0.weight"]),
+    (Phase.MINE, ["base_fc.weight"], ["conv1.weight", "fc.weight", "msa.reduce4.0.weight"])])
 def test_each_phase_updates_what_sec_3_1_says(phase, frozen, trained):
     _, model = micro()
     params = set_phase(model, phase)
@@ -69,8 +71,8 @@ def test_each_phase_updates_what_sec_3_1_says(phase, frozen, trained):
     assert all(id(named[k]) not in ids and not named[k].requires_grad for k in frozen)
     assert all(id(named[k]) in ids for k in trained)
     bn_training = {k: m.training for k, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    assert bn_training["layer2.0.bn1"] == (phase != "msa_frozen")    # fixed statistics below MSA
-    assert bn_training["msa.reduce4.1"] == (phase != "base")           # MSA unused before it exists
+    assert bn_training["layer2.0.bn1"] == (phase is not Phase.MSA_FROZEN)    # fixed statistics below MSA
+    assert bn_training["msa.reduce4.1"] == (phase is not Phase.BASE)           # MSA unused before it exists
 
 
 def test_msa_initialisation_leaves_the_layers_below_untouched():
@@ -78,8 +80,8 @@ def test_msa_initialisation_leaves_the_layers_below_untouched():
     data = Learnable(24, 0)
     below = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "bn1", "layer"))}
     head = model.fc.weight.clone()
-    opt = optimizer(set_phase(model, "msa_frozen"), cfg.train.lr, cfg.train)
-    classification_epoch(model, opt, "msa_frozen", data, cfg, 0, 0, torch.device("cpu"))
+    opt = optimizer(set_phase(model, Phase.MSA_FROZEN), cfg.train.lr, cfg.train)
+    classification_epoch(model, opt, Phase.MSA_FROZEN, data, cfg, 0, Runner())
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in below.items())
     assert not torch.equal(head, model.fc.weight)
@@ -88,16 +90,16 @@ def test_msa_initialisation_leaves_the_layers_below_untouched():
 @pytest.mark.parametrize("msa", ["bilinear", "none"])
 def test_classification_training_learns_a_visible_label(msa):
     cfg, model = micro(msa)
-    data, device = Learnable(48, 0), torch.device("cpu")
-    before = predict(model, data, device, 16)
-    opt = optimizer(set_phase(model, "base"), cfg.train.lr, cfg.train)
-    losses = [classification_epoch(model, opt, "base", data, cfg, 0, e, device) for e in range(4)]
+    data, runner = Learnable(48, 0), Runner()
+    before = predict(model, data, 16, runner)
+    opt = optimizer(set_phase(model, Phase.BASE), cfg.train.lr, cfg.train)
+    losses = [classification_epoch(model, opt, Phase.BASE, data, cfg, e, runner) for e in range(4)]
     assert losses[-1] < losses[0] * 0.8, f"base loss did not fall: {losses}"
     if msa != "none":                            # a fresh MSA head on the trained backbone
-        opt = optimizer(set_phase(model, "msa"), cfg.train.lr, cfg.train)
-        losses = [classification_epoch(model, opt, "msa", data, cfg, 0, e, device) for e in range(4)]
+        opt = optimizer(set_phase(model, Phase.MSA), cfg.train.lr, cfg.train)
+        losses = [classification_epoch(model, opt, Phase.MSA, data, cfg, e, runner) for e in range(4)]
         assert losses[-1] < losses[0] * 0.8, f"msa loss did not fall: {losses}"
-    scores = predict(model, data, device, 16)
+    scores = predict(model, data, 16, runner)
     assert scores.shape == (48, 14) and scores.min() >= 0 and scores.max() <= 1
     bce = lambda p: -np.mean(data.labels.numpy() * np.log(p + 1e-7) + (1 - data.labels.numpy()) * np.log(1 - p + 1e-7))
     assert bce(scores) < bce(before)
