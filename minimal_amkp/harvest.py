@@ -19,6 +19,7 @@ so a harvested box is in exactly the coordinates of BBox_List_2017.csv, inside [
 import numpy as np
 
 from minimal_amkp import reference as R
+from minimal_amkp.reference.checks import positive_int
 from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.data.chestxray import HARVEST_HEADER, BBox, png_frame, write_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
@@ -44,13 +45,12 @@ def check_mining(mining, ds=None):
     size = mining["image_size"]
     if isinstance(size, np.ndarray) and size.ndim == 0:         # as np.load gives it back
         size = size[()]
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"mining['image_size'] must be a positive int, got {size!r}")
+    size = positive_int("mining['image_size']", size)
     if ds is not None:
         unknown = [x for x in names if x not in ds.entries]
         if unknown:
             raise ValueError(f"mining['names']: {len(unknown)} not in the dataset, e.g. {unknown[0]!r}")
-    return names, labels, cams, masks, int(size)
+    return names, labels, cams, masks, size
 
 
 def frame(ds, name):

@@ -29,6 +29,7 @@ from PIL import Image
 from minimal_amkp.run.atomic import atomic_open
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, NO_FINDING
 from minimal_amkp.config import RunError
+from minimal_amkp.reference.checks import positive_int
 
 # The bracketed column names contain commas, so a CSV reader splits them; trailing empty
 # fields (the 2017 files end every line with a comma) are dropped before comparing.
@@ -455,8 +456,7 @@ def check_images(ds, names, workers=2, skip_bad=False):
     Records each good file's CRC-32 in ds.digests (a resumed run compares them) and the
     dropped names in ds.skipped.
     """
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    positive_int("workers", workers)
     names = list(names)
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(lambda n: _check_png(ds.image_path(n)), names))
@@ -517,8 +517,7 @@ def load_image(path, size, boxes=None):
     to size x size; boxes (x, y, w, h) in the PNG's pixel frame are scaled by the same x and y
     factors. boxes=None gives an empty (0, 4) array.
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    positive_int("size", size)
     b = np.zeros((0, 4)) if boxes is None else np.asarray(boxes, np.float64)
     if b.ndim != 2 or b.shape[1] != 4:
         raise ValueError(f"boxes must be (K, 4) rows of (x, y, w, h), got shape {b.shape}")

@@ -139,8 +139,7 @@ def boxes_from_heatmap(h, thresholds=DEFAULT_BOX_THRESHOLDS, k=3, duplicate_iou=
     if levels.ndim != 1 or levels.size == 0 or not np.all((levels >= 0) & (levels <= 1)):
         raise ValueError(f"thresholds: need a non-empty sequence of levels in [0, 1], "
                          f"got {thresholds!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: need an integer >= 1, got {k!r}")
+    checks.positive_int("k", k)
     min_w, min_h = (float(v) for v in min_size)
     if not (1 <= min_w and 1 <= min_h):
         raise ValueError(f"min_size: need (min_w, min_h) >= 1 pixel, got {min_size!r}")

@@ -1,4 +1,4 @@
-"""Input checks shared by the reference functions.
+"""Input checks shared by the reference functions (and, for whole numbers, by the rest of the package).
 
 Bad input must fail at the door with a ValueError naming the argument and its shape, not as
 an IndexError or a silent broadcast deep inside NumPy.
@@ -33,3 +33,10 @@ def binary(name, m):
 def same_shape(name_a, a, name_b, b):
     if a.shape != b.shape:
         raise ValueError(f"{name_a} and {name_b} must have the same shape, got {a.shape} and {b.shape}")
+
+
+def positive_int(name, value):
+    """`value` as an int, unless it is not a whole number >= 1 (bools and floats are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)

@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from minimal_amkp.run.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from minimal_amkp.data.chestxray import BBox, DataError, Entry, read_dataset, write_bbox_list, write_data_entry
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.reference.checks import positive_int
 from minimal_amkp.harvest import frame
 from minimal_amkp.data.phantom.film import draw
 from minimal_amkp.data.phantom.stats import box_stats, format_stats
@@ -183,8 +184,7 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
     workers > 1 draws in that many processes (runs under POOL_MIN_IMAGES draw in-process).
     """
     _check(n_images, size, seed, label_noise)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
+    positive_int("workers", workers)
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out {out!r} exists and is not a folder")
