@@ -134,6 +134,25 @@ def test_update_masks_zeroes_exactly_the_peak_component(case):
         assert new[i][peak] == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(maps_and_masks())
+def test_normalise_live_scales_each_map_over_its_live_cells(case):
+    h, m, thr = case
+    out = R.normalise_live(h, m)
+    assert out.shape == h.shape and np.all(out[m == 0] == 0), "an erased cell is not 0"
+    new = R.update_masks(h, m, threshold=thr)
+    for i in range(h.shape[0]):
+        live = m[i] == 1
+        if not live.any() or h[i][live].max() == h[i][live].min():
+            assert np.all(out[i] == 0), f"map {i} without a peak is not all 0"
+            continue
+        lo, hi = h[i][live].min(), h[i][live].max()
+        assert_close(out[i][live], (h[i][live] - lo) / (hi - lo))
+        # update_masks binarises the same normalised map: it erases only cells at or above thr.
+        erased = (m[i] == 1) & (new[i] == 0)
+        assert erased.any() and np.all(out[i][erased] >= thr), f"map {i}: erased below the threshold"
+
+
 def test_erased_cells_never_count_as_the_peak():
     # Round 2 of a CAM that is negative outside the erased cell: the erased 0 must not win.
     h = np.array([[0.0, -1.0, -3.0, -0.5]])
@@ -189,6 +208,8 @@ def test_fuse_heatmaps_by_hand():
     (lambda: R.branch_losses(np.zeros((2, 3)), np.full((2, 3), 0.5)), r"y: masks must hold only 0 and 1"),
     (lambda: R.update_masks(np.zeros((3, 3)), np.ones((3, 4))), r"h and m must have the same shape"),
     (lambda: R.update_masks(np.zeros((3, 3)), np.ones((3, 3)), threshold=1.5), r"threshold must lie in"),
+    (lambda: R.normalise_live(np.zeros((3, 3)), np.ones((2, 3))), r"h and m must have the same shape"),
+    (lambda: R.normalise_live(np.zeros((3, 3)), np.full((3, 3), 2.0)), r"m: masks must hold only 0 and 1"),
     (lambda: R.fuse_heatmaps([], []), r"non-empty lists of equal length"),
     (lambda: R.fuse_heatmaps([np.zeros((2, 2))], [np.zeros((2, 2))]), r"masks\[0\] must be all ones"),
     (lambda: R.gap(np.array([[np.nan]])), r"x: contains NaN"),

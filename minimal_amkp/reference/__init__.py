@@ -4,7 +4,7 @@ Never imports torch. Torch ops, Triton kernels, the bench and the walkthrough ar
 against these functions.
 """
 from .am import (branch_logits, branch_losses, cam, classification_loss, erase,
-                 fuse_heatmaps, gap, update_masks)
+                 fuse_heatmaps, gap, normalise_live, update_masks)
 from .kp import kp_layer_loss, kp_loss, total_loss
 from .boxes import DEFAULT_BOX_THRESHOLDS, boxes_from_heatmap, iobb, iou
 from .metric import (DEFAULT_AFP_BOUNDS, DEFAULT_IOU_THRESHOLDS, acc_afp_table, auroc, best_overlap,

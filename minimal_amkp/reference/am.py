@@ -99,6 +99,32 @@ def cam(x, m, w):
 
 
 
+def _live_minmax(h_i, live):
+    """One map (H, W) min–max normalised over its live cells -> (live cells,), or None when it
+    has none or is constant over them (no peak). The rule of update_masks and normalise_live."""
+    return minmax(h_i[live]) if live.any() else None
+
+
+def normalise_live(h, m):
+    """Sec. 3.2's "These CAMs are then normalized to [0, 1]", read per round: each map of H_t
+    min–max normalised to [0, 1] over the cells alive under M_{t-1} (the rule update_masks
+    binarises), erased cells 0, and 0 everywhere for a map constant over its live cells.
+    Feeding these to fuse_heatmaps is the other reading of eq. (8), which adds raw CAMs.
+    h (..., H, W) CAMs, m (..., H, W) masks M_{t-1} -> (..., H, W) in [0, 1].
+    """
+    h = checks.array("h", h, min_ndim=2)
+    m = checks.binary("m", checks.array("m", m, min_ndim=2))
+    checks.same_shape("h", h, "m", m)
+    out = np.zeros_like(h)
+    for h_i, m_i, o_i in zip(h.reshape(-1, *h.shape[-2:]), m.reshape(-1, *h.shape[-2:]),
+                             out.reshape(-1, *h.shape[-2:])):
+        live = m_i == 1                                                   # (H, W)
+        scaled = _live_minmax(h_i, live)                                  # (live cells,)
+        if scaled is not None:
+            o_i[live] = scaled
+    return out
+
+
 def update_masks(h, m, threshold=0.5):
     """Sec. 3.2, mask update: M_t = M_{t-1} with the peak component of binarised H_t set to 0.
 
@@ -122,7 +148,7 @@ def update_masks(h, m, threshold=0.5):
     flat_new = new.reshape(-1, *h.shape[-2:])                             # (B, H, W), a view
     for h_i, m_i in zip(flat_h, flat_new):
         live = m_i == 1                                                   # (H, W)
-        h_hat = minmax(h_i[live]) if live.any() else None                 # (live cells,)
+        h_hat = _live_minmax(h_i, live)                                   # (live cells,)
         if h_hat is None:
             continue
         on = np.zeros_like(live)

@@ -53,7 +53,6 @@ from minimal_amkp.classify import plan
 from minimal_amkp.config import RunError, as_json, differences, from_dict, problem, to_dict
 from minimal_amkp.harvest import by_class, check_mining, frame, fused, harvest
 from minimal_amkp.run.lesions import peak_in_box
-from minimal_amkp.reference.boxes import minmax
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.run.progress import clock
 from minimal_amkp.run.report import ground_truth
@@ -217,21 +216,6 @@ def all_boxes_acc(h_f, names, labels, frames, gt):
     return R.acc_afp_table(by_class(boxes, names), gt, thresholds=ALL_BOXES_IOU, bounds=np.inf)["acc"]
 
 
-def per_round_normalised(cams, masks):
-    """Each H_t min-max normalised over the cells alive under M_{t-1}, erased cells 0 (as eq. (7) leaves them).
-
-    Not the paper's eq. (8), which adds raw CAMs: the diagnostic that asks whether regions found
-    in later rounds are lost only because their raw values stay below H_1's peak.
-    """
-    out = np.zeros(cams.shape)
-    for index in np.ndindex(*cams.shape[:3]):
-        live = masks[index] > 0
-        scaled = minmax(cams[index][live]) if live.any() else None
-        if scaled is not None:
-            out[index][live] = scaled
-    return out
-
-
 def peak_hits(cams, masks, names, frames, gt):
     """How often the peak of H_t (over the cells alive under M_{t-1}) and of H_f lies in a box.
 
@@ -278,7 +262,7 @@ def measure(out, datasets):
     all_boxes = {t: all_boxes_acc(fused(cams[:t], masks[:t]), names, labels, frames, gt)
                  for t in range(1, len(cams) + 1)}
     if len(cams) > 1:
-        all_boxes["normalised"] = all_boxes_acc(fused(per_round_normalised(cams, masks), masks), names, labels,
+        all_boxes["normalised"] = all_boxes_acc(fused(R.normalise_live(cams, masks), masks), names, labels,
                                                 frames, gt)
     return dict(all_boxes=all_boxes,
                 acc_afp=report["acc_afp"]["iou"], seconds=seconds,
