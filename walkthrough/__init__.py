@@ -1,0 +1,1 @@
+"""The equation-by-equation walkthrough (walkthrough.md) and the script that draws its figures."""
