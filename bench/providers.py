@@ -13,7 +13,7 @@
 Ops, and what each pass times:
     masked_cam   fwd: ops.cam under no_grad, the mining CAM pass; fwd+bwd: ops.branch_logits and
                  its backward into x, w, b, the training use (logits only, no CAM written)
-    masked_gap   g(X̂_c) alone (kernels.masked_gap; no training op uses it, so no ops counterpart:
+    masked_gap   g(X̂_c) alone (kernels.masked_gap.masked_gap; no training op uses it, so no ops counterpart:
                  torch is the batched matmul written here)
     kp_distance  ops.kp_layer_loss; backward into fb only (N_A is frozen)
     am_step      ops.am_step, the logits and the KP distance at X of one AM step (n/N = 1/8 erased
@@ -22,19 +22,15 @@ Every provider of an op takes the same tensors, in the layout the bench was aske
 a GPU runs channels-last); `extra_bytes` says how much a provider materialises, so the bench can
 skip the ones that would not fit under --max-gb.
 """
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-import kernels
+from kernels import am_step, kp_distance, masked_cam, masked_gap
 from minimal_amkp import ops
 from minimal_amkp import reference as R
 
-# The package attribute `kernels.masked_gap` is the function; the bytes models live in the modules.
-_MODEL = {name: importlib.import_module(f"kernels.{name}").bytes_moved
-          for name in ("masked_cam", "masked_gap", "kp_distance", "am_step")}
 BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton", "compile": "torch"}
 COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
 
@@ -137,15 +133,15 @@ OPS = {
              torch=lambda x, m, w, b: ops.cam(x, m, w)),
         dict(torch_naive=logits_naive, torch=ops.branch_logits),
         lambda out: out.float().sum(),
-        lambda s, it, bwd: _MODEL["masked_cam"](*s, itemsize=it, backward=bwd),
+        lambda s, it, bwd: masked_cam.bytes_moved(*s, itemsize=it, backward=bwd),
         _masked_extra),
     "masked_gap": Op(
         "masked_gap", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, False), (0,),
         dict(numpy=lambda x, m: R.gap(R.erase(x, m)), torch_naive=gap_naive, torch=gap_torch,
-             triton=kernels.masked_gap),
-        dict(torch_naive=gap_naive, torch=gap_torch, triton=kernels.masked_gap),
+             triton=masked_gap.masked_gap),
+        dict(torch_naive=gap_naive, torch=gap_torch, triton=masked_gap.masked_gap),
         lambda out: out.float().sum(),
-        lambda s, it, bwd: _MODEL["masked_gap"](*s, itemsize=it, backward=bwd),
+        lambda s, it, bwd: masked_gap.bytes_moved(*s, itemsize=it, backward=bwd),
         _masked_extra),
     "kp_distance": Op(
         "kp_distance", _kp_inputs,
@@ -153,15 +149,14 @@ OPS = {
         dict(numpy=R.kp_layer_loss, torch_naive=kp_naive, torch=ops.kp_layer_loss),
         dict(torch_naive=kp_naive, torch=ops.kp_layer_loss),
         lambda out: out.float(),
-        lambda s, it, bwd: _MODEL["kp_distance"](s[0], s[2], s[3], s[4], itemsize=it, backward=bwd,
-                                                 grads=1),
+        lambda s, it, bwd: kp_distance.bytes_moved(s[0], s[2], s[3], s[4], itemsize=it, backward=bwd, grads=1),
         _kp_extra),
     "am_step": Op(
         "am_step", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, True, True), (0, 2, 3),
         dict(numpy=step_numpy, torch_naive=step_naive, torch=step_ops),
         dict(torch_naive=step_naive, torch=step_ops, triton_unfused=step_unfused),
         lambda out: out[0].float().sum() + out[1].float(),
-        lambda s, it, bwd: _MODEL["am_step"](*s, itemsize=it, backward=bwd),
+        lambda s, it, bwd: am_step.bytes_moved(*s, itemsize=it, backward=bwd),
         lambda p, s, it, bwd: _masked_extra(p, s, it, bwd) + _kp_extra(p, s, it, bwd)),
 }
 for _op in OPS.values():  # the ops' torch entries are also what compile_* and triton run

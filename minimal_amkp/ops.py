@@ -84,7 +84,7 @@ def cam(x, m, w):
     """Eq. (7): H_c = (X ⊙ M̂_c) w_c. x (N, D, H, W), m (N, C, H, W), w (C, D) -> (N, C, H, W)."""
     if backend(x, m, w) == "triton":
         x, m, w = _kernel_args(x, m, w)
-        return _kernels().masked_cam_logits(x, m, w, torch.zeros_like(w[:, 0]), write_cam=True)[0]
+        return _kernels().masked_cam.masked_cam_logits(x, m, w, torch.zeros_like(w[:, 0]), write_cam=True)[0]
     return (torch.einsum("ndhw,cd->nchw", x, w.to(x.dtype)) * m.to(x.dtype)).to(x.dtype)
 
 
@@ -97,7 +97,7 @@ def branch_logits(x, m, w, b):
         return _wide(F.linear(gap(x), w.to(x.dtype), b.to(x.dtype)))
     if backend(x, m, w, b) == "triton":
         x, m, w, b = _kernel_args(x, m, w, b)
-        return _kernels().masked_cam_logits(x, m, w, b, write_cam=False)[1]
+        return _kernels().masked_cam.masked_cam_logits(x, m, w, b, write_cam=False)[1]
     return gap(_wide(cam(x, m, w))) + _wide(b)
 
 
@@ -117,7 +117,7 @@ def am_step(x, m, w, b, xa, n0):
     """
     if backend(x, m, w, b, xa) == "triton":
         x, m, w, b, xa = _kernel_args(x, m, w, b, xa)
-        return _kernels().am_step(x, m, w, b, xa, n0)
+        return _kernels().am_step.am_step(x, m, w, b, xa, n0)
     return branch_logits(x, m, w, b), kp_layer_loss(xa, x[n0:])
 
 
@@ -132,7 +132,7 @@ def kp_layer_loss(fa, fb):
         raise ValueError(f"fa and fb must share one shape (N-n, K, H, W) or (N-n, K), "
                          f"got {tuple(fa.shape)} and {tuple(fb.shape)}")
     if fa.dim() == 4 and backend(fa, fb) == "triton":
-        return _kernels().kp_distance(*_kernel_args(fa, fb))
+        return _kernels().kp_distance.kp_distance(*_kernel_args(fa, fb))
     ga = _wide(_wide_gap(fa) if fa.dim() == 4 else fa)             # (N−n, K)
     gb = _wide(_wide_gap(fb) if fb.dim() == 4 else fb)             # (N−n, K)
     return ((ga - gb) ** 2).sum() / fa.shape[0]
