@@ -13,8 +13,8 @@
 Ops, and what each pass times:
     masked_cam   fwd: ops.cam under no_grad, the mining CAM pass; fwd+bwd: ops.branch_logits and
                  its backward into x, w, b, the training use (logits only, no CAM written)
-    masked_gap   g(X̂_c) alone (kernels.masked_gap.masked_gap; no training op uses it, so no ops counterpart:
-                 torch is the batched matmul written here)
+    masked_gap   ops.masked_gap, g(X̂_c) alone (kernels.masked_gap on the triton backend; training
+                 does not use it)
     kp_distance  ops.kp_layer_loss; backward into fb only (N_A is frozen)
     am_step      ops.am_step, the logits and the KP distance at X of one AM step (n/N = 1/8 erased
                  images), and the backward of both into x, w, b
@@ -47,11 +47,6 @@ def logits_naive(x, m, w, b):
 
 def gap_naive(x, m):
     return (x[:, None] * m[:, :, None]).mean((3, 4))  # (N, C, D)
-
-
-def gap_torch(x, m):
-    N, D, H, W = x.shape
-    return torch.bmm(m.reshape(N, -1, H * W), x.reshape(N, D, H * W).transpose(1, 2)) / (H * W)
 
 
 def kp_naive(fa, fb):
@@ -137,9 +132,8 @@ OPS = {
         _masked_extra),
     "masked_gap": Op(
         "masked_gap", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, False), (0,),
-        dict(numpy=lambda x, m: R.gap(R.erase(x, m)), torch_naive=gap_naive, torch=gap_torch,
-             triton=masked_gap.masked_gap),
-        dict(torch_naive=gap_naive, torch=gap_torch, triton=masked_gap.masked_gap),
+        dict(numpy=lambda x, m: R.gap(R.erase(x, m)), torch_naive=gap_naive, torch=ops.masked_gap),
+        dict(torch_naive=gap_naive, torch=ops.masked_gap),
         lambda out: out.float().sum(),
         lambda s, it, bwd: masked_gap.bytes_moved(*s, itemsize=it, backward=bwd),
         _masked_extra),

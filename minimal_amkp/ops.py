@@ -1,21 +1,24 @@
-"""Differentiable torch counterparts of the reference functions that training and mining use.
+"""Torch counterparts of the reference functions that training and mining use.
 
 Same names, shapes and meanings as `minimal_amkp.reference` (tested against it in float64).
-The class-erased features X̂_c (N, C, D, H, W) of eq. (1) are never built: the logit of
-branch c uses the identity
+The class-erased features X̂_c (N, C, D, H, W) of eq. (1) are never built in training: the
+logit of branch c uses the identity
 
     w_cᵀ g(X ⊙ M̂_c) + b_c = mean_hw(M_c ⊙ CAM_c) + b_c,   CAM_c = Σ_d w_cd X_d,
 
-which needs only the (N, C, H, W) CAMs. The mask update and heatmap fusion (Sec. 3.2, eq. 8)
-are not differentiable; callers use the NumPy reference for them directly.
+which needs only the (N, C, H, W) CAMs. `erase` and `masked_gap` are the literal forms of
+eq. (1)-(2), for readers, tests and the bench. The mask update and the heatmap fusion (Sec. 3.2,
+eq. 8) carry no gradient; mining calls the NumPy reference for them, and `update_masks` and
+`fuse_heatmaps` here are their torch forms, equal to it in float64.
 
 `backend()` is the one dispatch point. Env AMKP_BACKEND = auto (default: the Triton kernels
 when the tensors are on CUDA and Triton imports), torch, or triton (force the kernels, e.g.
 on CPU under TRITON_INTERPRET=1).
 
 One dtype contract on both backends: logits and losses are float32 for float32 and bfloat16
-inputs (float64 stays float64, torch backend only), CAMs keep the features' dtype. The kernels
-take NCHW or channels-last features as they are (no copy); gradients come back in that layout.
+inputs (float64 stays float64, torch backend only), CAMs and pooled maps keep the features'
+dtype. The kernels take NCHW or channels-last features as they are (no copy); gradients come
+back in that layout.
 """
 import functools
 import os
@@ -78,6 +81,27 @@ def _wide_gap(x):
 def gap(x):
     """g(·): mean over the last two axes, (..., H, W) -> (...)."""
     return x.mean(dim=(-2, -1))
+
+
+def erase(x, m):
+    """Eq. (1): X̂_c = X ⊙ M̂_c. x (N, D, H, W), m (N, C, H, W) -> (N, C, D, H, W), differentiable in x.
+
+    Materialises C copies of X: training never calls it (see branch_logits)."""
+    return x[:, None] * m[:, :, None].to(x.dtype)
+
+
+def masked_gap(x, m):
+    """Eq. (1)-(2) literally: P_c = g(X ⊙ M̂_c). x (N, D, H, W), m (N, C, H, W) -> P (N, C, D) in x's dtype.
+
+    Training does not call it. branch_logits needs only w_cᵀ P_c, and the CAM identity,
+    mean_hw(M_c ⊙ CAM_c), gives that from the product X w that the CAMs of eq. (7) need anyway:
+    cheaper. This is the literal form, there for readers, the tests and the bench. It pools
+    without building X̂_c, and on the Triton backend runs kernels.masked_gap; differentiable in
+    x (masks are constants).
+    """
+    if backend(x, m) == "triton":
+        return _kernels().masked_gap.masked_gap(*_kernel_args(x, m))
+    return torch.einsum("ndhw,nchw->ncd", x, m.to(x.dtype)) / (x.shape[-2] * x.shape[-1])
 
 
 def cam(x, m, w):
@@ -150,3 +174,68 @@ def kp_loss(pairs, losses=()):
 def total_loss(l_cls, l_kp, lam=0.5):
     """Eq. (6): L = L_cls + λ L_KP."""
     return l_cls + lam * l_kp
+
+
+@torch.no_grad()
+def update_masks(h, m, threshold=0.5):
+    """Sec. 3.2, the mask update, = reference.update_masks: for each map, over the cells still in
+    the mask, min-max normalise H_t, binarise with >= threshold and zero the 8-connected
+    component that holds the peak (the first maximum in row-major order); a map constant over
+    its remaining cells, or with none, keeps its mask. h (..., H, W) CAMs, m (..., H, W) binary
+    masks M_{t-1} -> M_t in m's dtype and device. No gradient.
+
+    Normalised in float64, so it equals the reference exactly. Torch has no component
+    labelling (the reference's scipy.ndimage.label), and only the peak's component is needed:
+    it is grown from the peak by 3×3 max-pools cut to the binarised cells, one ring a step,
+    until it stops growing.
+    """
+    if h.shape != m.shape or h.dim() < 2:
+        raise ValueError(f"h and m must have one shape (..., H, W), got {tuple(h.shape)} and {tuple(m.shape)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
+    H, W = h.shape[-2:]
+    live = m.reshape(-1, H * W) == 1                                      # (B, HW)
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=h.device)
+    hf = h.reshape(-1, H * W).to(torch.float64)                           # (B, HW)
+    lo = torch.where(live, hf, inf).amin(1, keepdim=True)                 # no live cell: lo > hi
+    hi = torch.where(live, hf, -inf).amax(1, keepdim=True)
+    on = live & (hi > lo) & ((hf - lo) / (hi - lo) >= threshold)
+    peak = torch.where(live, hf, -inf).argmax(1)                          # the first maximum
+    grown = F.one_hot(peak, H * W).bool() & on                            # empty where no peak
+    while True:
+        ring = F.max_pool2d(grown.view(-1, 1, H, W).float(), 3, 1, 1).view(-1, H * W) > 0
+        wider = ring & on
+        if torch.equal(wider, grown):
+            break
+        grown = wider
+    new = m.reshape(-1, H * W).clone()
+    new[grown] = 0
+    return new.view(m.shape)
+
+
+@torch.no_grad()
+def fuse_heatmaps(cams, masks):
+    """Eq. (8), = reference.fuse_heatmaps: H_f = (1/T) Σ_t [H_t + Σ_{t'<t} H_{t'} ⊙ M̄_{t'}].
+
+    cams[t] is H_{t+1} and masks[t] the mask M_t applied to compute it (masks[0] = M_0, all
+    ones), each (..., H, W) -> H_f (..., H, W) in the CAMs' dtype. No gradient. Summed in the
+    reference's order, so float64 CAMs give its result exactly.
+    """
+    if len(cams) == 0 or len(cams) != len(masks):
+        raise ValueError(f"cams and masks must be non-empty lists of equal length, "
+                         f"got {len(cams)} and {len(masks)}")
+    for t in range(len(cams)):
+        for name, a in ((f"cams[{t}]", cams[t]), (f"masks[{t}]", masks[t])):
+            if a.shape != cams[0].shape:
+                raise ValueError(f"cams[0] and {name} must have the same shape, "
+                                 f"got {tuple(cams[0].shape)} and {tuple(a.shape)}")
+    if not bool((masks[0] == 1).all()):
+        raise ValueError("masks[0] must be all ones: it is M_0, the mask of the first round")
+    T = len(cams)
+    h_f = torch.zeros_like(cams[0])
+    filled = torch.zeros_like(cams[0])            # Σ_{t'<t} H_{t'} ⊙ M̄_{t'}, grown each round
+    for t in range(T):
+        h_f += cams[t] + filled
+        if t + 1 < T:
+            filled += cams[t] * (1 - masks[t + 1].to(cams[t].dtype))
+    return h_f / T

@@ -6,6 +6,7 @@ finite differences of the *reference* (step 1e-6, float64), contracted with a ra
 gradient so that one scalar function covers every output element; the ops are linear or
 quadratic in their inputs (BCE is smooth), so the difference quotient is accurate to ~1e-8
 and we allow 1e-6. The Triton backend (interpreter on CPU) runs in float32: 1e-4 relative.
+The ops without a gradient (update_masks, fuse_heatmaps) must equal the reference exactly.
 A training step on the Triton backend in channels-last is checked to hand the kernels the
 model's own activations (data pointers and strides) and to get dX back as the kernel wrote it.
 """
@@ -115,6 +116,8 @@ def test_branch_logits_and_cam_match_reference(n, c, d, h, w, mask, constant, se
     check_op("branch_logits(m=None)", lambda x, w, b: ops.branch_logits(x, None, w, b),
              lambda x, w, b: R.branch_logits(x, ones, w, b), [x, wc, b], rng)
     check_op("gap", ops.gap, R.gap, [x], rng)
+    check_op("erase", lambda x: ops.erase(x, mt), lambda x: R.erase(x, m), [x], rng)
+    check_op("masked_gap", lambda x: ops.masked_gap(x, mt), lambda x: R.gap(R.erase(x, m)), [x], rng)
 
 
 @SHAPES
@@ -168,6 +171,86 @@ def test_kp_layer_loss_rejects_mismatched_layers():
     assert float(ops.kp_loss([], [torch.tensor(2.0), torch.tensor(4.0)])) == 3.0
 
 
+def heatmaps(rng, kind, shape):
+    """CAMs: normal; "ties": few distinct values, so which maximum comes first matters; constant."""
+    return {"normal": lambda: rng.normal(size=shape),
+            "ties": lambda: rng.integers(-2, 3, size=shape).astype(np.float64),
+            "constant": lambda: np.full(shape, 0.5)}[kind]()
+
+
+def live_cells(rng, kind, shape):
+    """Masks M_{t-1}: "dense" ones leave long, winding components to grow through."""
+    return {"random": lambda: (rng.random(shape) < 0.6).astype(np.float64),
+            "dense": lambda: (rng.random(shape) < 0.9).astype(np.float64),
+            "zeros": lambda: np.zeros(shape), "ones": lambda: np.ones(shape)}[kind]()
+
+
+ODD = st.sampled_from([1, 2, 3, 5, 7, 13])
+
+
+@settings(SHAPES, max_examples=80)
+@given(n=st.integers(1, 3), c=st.integers(1, 4), h=ODD, w=ODD, cam=st.sampled_from(["normal", "ties", "constant"]),
+       mask=st.sampled_from(["random", "dense", "zeros", "ones"]), threshold=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+       seed=st.integers(0, 2**32 - 1))
+@example(n=1, c=1, h=1, w=1, cam="normal", mask="ones", threshold=0.5, seed=0)
+@example(n=2, c=3, h=13, w=7, cam="ties", mask="dense", threshold=0.0, seed=1)
+def test_update_masks_equals_reference(n, c, h, w, cam, mask, threshold, seed):
+    rng = np.random.default_rng(seed)
+    hm, m = heatmaps(rng, cam, (n, c, h, w)), live_cells(rng, mask, (n, c, h, w))
+    got = ops.update_masks(torch.tensor(hm, requires_grad=True), torch.tensor(m), threshold)
+    assert got.dtype == torch.float64 and not got.requires_grad
+    np.testing.assert_array_equal(got.numpy(), R.update_masks(hm, m, threshold))
+    # As mining keeps them: float32 CAMs, uint8 masks (the result keeps the masks' dtype).
+    got = ops.update_masks(torch.tensor(hm, dtype=torch.float32), torch.tensor(m, dtype=torch.uint8), threshold)
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), R.update_masks(hm.astype(np.float32), m, threshold))
+
+
+def test_update_masks_grows_the_peaks_component_to_its_far_end():
+    """P is the peak; # cells join it through 22 steps, one of them diagonal; o is binarised but
+    apart. The whole winding component is erased, o is kept."""
+    rows = ["P#####.", "......#", "o.###.#", "..#.#.#", "..#.###", "..#....", "..###.."]
+    hm = np.array([[{"P": 2.0, "#": 1.0, "o": 1.0, ".": 0.0}[ch] for ch in row] for row in rows])
+    want = np.array([[0.0 if ch in "P#" else 1.0 for ch in row] for row in rows])
+    np.testing.assert_array_equal(R.update_masks(hm, np.ones_like(hm)), want)
+    got = ops.update_masks(torch.tensor(hm), torch.ones(7, 7, dtype=torch.float64))
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@settings(SHAPES, max_examples=50)
+@given(t=st.integers(1, 4), n=st.integers(1, 2), c=st.integers(1, 3), h=ODD, w=ODD,
+       cam=st.sampled_from(["normal", "ties", "constant"]), mask=st.sampled_from(["random", "zeros", "ones"]),
+       seed=st.integers(0, 2**32 - 1))
+@example(t=1, n=1, c=1, h=1, w=1, cam="normal", mask="ones", seed=0)
+def test_fuse_heatmaps_equals_reference(t, n, c, h, w, cam, mask, seed):
+    rng = np.random.default_rng(seed)
+    shape = (n, c, h, w)
+    cams = [heatmaps(rng, cam, shape) for _ in range(t)]
+    ms = [np.ones(shape)]
+    for _ in range(t - 1):                          # nested: a round only erases more
+        ms.append(ms[-1] * live_cells(rng, mask, shape))
+    want = R.fuse_heatmaps(cams, ms)
+    got = ops.fuse_heatmaps([torch.tensor(a, requires_grad=True) for a in cams], [torch.tensor(k) for k in ms])
+    assert got.dtype == torch.float64 and not got.requires_grad
+    np.testing.assert_array_equal(got.numpy(), want)
+    got = ops.fuse_heatmaps([torch.tensor(a) for a in cams], [torch.tensor(k, dtype=torch.uint8) for k in ms])
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_mask_update_and_fusion_refuse_bad_input_in_one_line():
+    z, one = torch.zeros(2, 3), torch.ones(2, 3)
+    raises_one_line(ValueError, r"^threshold must lie in \[0, 1\], got 1.5$",
+                    lambda: ops.update_masks(z, one, 1.5))
+    raises_one_line(ValueError, r"^h and m must have one shape \(\.\.\., H, W\), got \(2, 3\) and \(3, 2\)$",
+                    lambda: ops.update_masks(z, one.T))
+    raises_one_line(ValueError, r"^cams and masks must be non-empty lists of equal length, got 1 and 2$",
+                    lambda: ops.fuse_heatmaps([z], [one, one]))
+    raises_one_line(ValueError, r"^cams\[0\] and masks\[1\] must have the same shape, got \(2, 3\) and \(3, 2\)$",
+                    lambda: ops.fuse_heatmaps([z, z], [one, one.T]))
+    raises_one_line(ValueError, r"^masks\[0\] must be all ones: it is M_0, the mask of the first round$",
+                    lambda: ops.fuse_heatmaps([z, z], [z, z]))
+
+
 def test_backend_switch(monkeypatch):
     t = torch.zeros(1)
     assert ops.backend(t) == "torch"
@@ -176,6 +259,12 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("AMKP_BACKEND", "cuda")
     with pytest.raises(ValueError, match=r"AMKP_BACKEND must be one of auto, torch, triton; got 'cuda'"):
         ops.backend(t)
+
+
+def raises_one_line(exc, match, call):
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert "\n" not in str(info.value), f"message spans lines: {info.value}"
 
 
 def require_kernels(monkeypatch=None):
@@ -205,6 +294,15 @@ def test_triton_backend_matches_reference(monkeypatch, mask, channels_last):
     logits, l_kp = ops.am_step(xt, mt, wt, bt, torch.tensor(xa, dtype=torch.float32, device=DEVICE), 1)
     close("triton am_step logits", logits, R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
     close("triton am_step l_kp", l_kp, R.kp_layer_loss(xa, x[1:]), 1e-4, 1e-4)
+    xg = xt.detach().requires_grad_()
+    p = ops.masked_gap(xg, mt)
+    close("triton masked_gap", p, R.gap(R.erase(x, m)), 1e-4, 1e-4)
+    dp = rng.normal(size=p.shape)
+    (dx,) = torch.autograd.grad(p, xg, torch.tensor(dp, dtype=torch.float32, device=DEVICE))
+    with monkeypatch.context() as torch_only:
+        torch_only.setenv("AMKP_BACKEND", "torch")
+        _, (want,) = autograd(lambda x: ops.masked_gap(x, torch.tensor(m)), [x], dp)
+    close("triton masked_gap dx", dx, want.numpy(), 1e-4, 1e-4)
     # A layout no single stride walks is copied by ops, not refused.
     odd = torch.tensor(x, dtype=torch.float32, device=DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
     close("triton cam (odd layout)", ops.cam(odd, mt, wt), R.cam(x, m, wc), 1e-4, 1e-4)
@@ -212,12 +310,13 @@ def test_triton_backend_matches_reference(monkeypatch, mask, channels_last):
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_both_backends_return_the_same_dtypes(monkeypatch, name):
-    """bf16 features: CAMs stay bf16, logits and losses are float32, on either backend."""
+    """bf16 features: CAMs and pooled maps stay bf16, logits and losses are float32, on either backend."""
     require_kernels(monkeypatch)
     monkeypatch.setenv("AMKP_BACKEND", name)
     x, m = torch.rand(2, 5, 3, 3, dtype=torch.bfloat16, device=DEVICE), torch.ones(2, 4, 3, 3, device=DEVICE)
     w, b = torch.rand(4, 5, device=DEVICE), torch.rand(4, device=DEVICE)
     assert ops.cam(x, m, w).dtype == torch.bfloat16
+    assert ops.masked_gap(x, m).dtype == torch.bfloat16
     assert ops.branch_logits(x, m, w, b).dtype == torch.float32
     assert ops.branch_logits(x, None, w, b).dtype == torch.float32
     assert ops.kp_layer_loss(x, x * 2).dtype == torch.float32
