@@ -3,10 +3,10 @@
     numpy           the float64 reference (minimal_amkp.reference), forward only, on the CPU
     torch_naive     the paper's order of operations, written here: materialise X ⊙ M̂_c
                     (N, C, D, H, W), then GAP and the branch product; for kp the difference fa - fb
-    torch           minimal_amkp.ops on AMKP_BACKEND=torch: what training runs without the kernels
+    torch           minimal_amkp.ops on the torch backend: what training runs without the kernels
     compile_*       torch.compile of that, modes "default" and "max-autotune-no-cudagraphs" (the
                     bench captures every provider in a CUDA graph itself, or none)
-    triton          minimal_amkp.ops on AMKP_BACKEND=triton: the kernels exactly as training calls them
+    triton          minimal_amkp.ops on the triton backend: the kernels exactly as training calls them
     triton_unfused  (am_step only) ops.branch_logits + ops.kp_layer_loss on the kernels: the AM step
                     without the fused backward, to show what folding the KP gradient into dX buys
 
@@ -19,8 +19,9 @@ Ops, and what each pass times:
     am_step      ops.am_step, the logits and the KP distance at X of one AM step (n/N = 1/8 erased
                  images), and the backward of both into x, w, b
 Every provider of an op takes the same tensors, in the layout the bench was asked for (training on
-a GPU runs channels-last); `extra_bytes` says how much a provider materialises, so the bench can
-skip the ones that would not fit under --max-gb.
+a GPU runs channels-last); the ones built on minimal_amkp.ops take the backend as the keyword
+`backend`, which `function` binds. `extra_bytes` says how much a provider materialises, so the
+bench can skip the ones that would not fit under --max-gb.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -31,7 +32,7 @@ from kernels import am_step, kp_distance, masked_cam, masked_gap
 from minimal_amkp import ops
 from minimal_amkp import reference as R
 
-BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton", "compile": "torch"}
+BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton"}  # of the ops-based providers
 COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -61,13 +62,13 @@ def step_naive(x, m, w, b, xa):
     return logits_naive(x, m, w, b), kp_naive(xa, x[n_erased(x.shape[0]):])
 
 
-def step_ops(x, m, w, b, xa):
-    return ops.am_step(x, m, w, b, xa, n_erased(x.shape[0]))
+def step_ops(x, m, w, b, xa, backend):
+    return ops.am_step(x, m, w, b, xa, n_erased(x.shape[0]), backend=backend)
 
 
-def step_unfused(x, m, w, b, xa):
+def step_unfused(x, m, w, b, xa, backend):
     n0 = n_erased(x.shape[0])
-    return ops.branch_logits(x, m, w, b), ops.kp_layer_loss(xa, x[n0:])
+    return ops.branch_logits(x, m, w, b, backend=backend), ops.kp_layer_loss(xa, x[n0:], backend=backend)
 
 
 def step_numpy(x, m, w, b, xa):
@@ -79,8 +80,8 @@ class Op:
     name: str
     inputs: Callable  # (shape, dtype, device, generator, memory_format) -> tensors; shape = (N, C, D, H, W)
     grad_inputs: tuple  # which inputs the fwd+bwd pass differentiates
-    forward: dict  # provider -> callable on the tensors, timed under no_grad
-    train: dict  # provider -> callable on the tensors whose output `loss` turns into a scalar
+    forward: dict  # provider -> callable on the tensors (ops-based: and backend=), timed under no_grad
+    train: dict  # provider -> the same, whose output `loss` turns into a scalar
     loss: Callable  # train output -> scalar to backpropagate
     bytes_moved: Callable  # (shape, itemsize, backward) -> bytes of the model
     extra_bytes: Callable  # (provider, shape, itemsize, backward) -> bytes it materialises
@@ -125,7 +126,7 @@ OPS = {
     "masked_cam": Op(
         "masked_cam", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, True), (0, 2, 3),
         dict(numpy=lambda x, m, w, b: R.cam(x, m, w), torch_naive=lambda x, m, w, b: cam_naive(x, m, w),
-             torch=lambda x, m, w, b: ops.cam(x, m, w)),
+             torch=lambda x, m, w, b, backend: ops.cam(x, m, w, backend=backend)),
         dict(torch_naive=logits_naive, torch=ops.branch_logits),
         lambda out: out.float().sum(),
         lambda s, it, bwd: masked_cam.bytes_moved(*s, itemsize=it, backward=bwd),
@@ -166,15 +167,19 @@ def providers(op, backward):
     return names + [p for p in ("triton_unfused", "triton") if p in fns]
 
 
+def _on(fn, backend):
+    return lambda *tensors: fn(*tensors, backend=backend)
+
+
 def function(op, provider, backward):
-    """(callable, AMKP_BACKEND it needs or None): what one provider runs for one pass."""
+    """What one provider runs for one pass: a callable on the op's tensors, bound to its backend."""
     fns = op.train if backward else op.forward
     if provider.startswith("compile_"):
         # Dynamo's recompile limit counts per Python function across all wrappers; start afresh.
         torch._dynamo.reset()
-        return torch.compile(fns["torch"], mode=COMPILE_MODES[provider.removeprefix("compile_")],
-                             dynamic=False), "torch"
-    return fns[provider], BACKEND.get(provider)
+        return torch.compile(_on(fns["torch"], "torch"), mode=COMPILE_MODES[provider.removeprefix("compile_")],
+                             dynamic=False)
+    return _on(fns[provider], BACKEND[provider]) if provider in BACKEND else fns[provider]
 
 
 def as_numpy(tensors):

@@ -11,9 +11,12 @@ eq. (1)-(2), for readers, tests and the bench. The mask update and the heatmap f
 eq. 8) carry no gradient; mining calls the NumPy reference for them, and `update_masks` and
 `fuse_heatmaps` here are their torch forms, equal to it in float64.
 
-`backend()` is the one dispatch point. Env AMKP_BACKEND = auto (default: the Triton kernels
-when the tensors are on CUDA and Triton imports), torch, or triton (force the kernels, e.g.
-on CPU under TRITON_INTERPRET=1).
+Dispatch. The backend is chosen once, at start-up: `choose_backend()` reads AMKP_BACKEND (the
+default of the --backend option) and nothing else does. Its value is passed down, to
+ResNetMSA(cfg, backend=...) and from there to every op that has a kernel, as the keyword
+`backend`: "torch" (the torch code here), "triton" (force the kernels, e.g. on CPU under
+TRITON_INTERPRET=1) or "auto" (the default: the kernels when every tensor is on CUDA and they
+import, else torch).
 
 One dtype contract on both backends: logits and losses are float32 for float32 and bfloat16
 inputs (float64 stays float64, torch backend only), CAMs and pooled maps keep the features'
@@ -45,18 +48,35 @@ def _kernels():
     return _load_kernels()[0]
 
 
-def backend(*tensors):
-    """'torch' or 'triton' for ops on these tensors, per AMKP_BACKEND."""
-    name = os.environ.get("AMKP_BACKEND", "auto")
+def _checked(name, source):
+    # `source` is what the user set, so that the one-line error points at it.
     if name not in BACKENDS:
-        raise ValueError(f"AMKP_BACKEND must be one of {', '.join(BACKENDS)}; got {name!r}")
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
     if name == "triton" and _kernels() is None:
         why = _load_kernels()[1]
-        raise RuntimeError("AMKP_BACKEND=triton, but the kernels package or Triton cannot be imported"
+        raise RuntimeError(f"{source}=triton, but the kernels package or Triton cannot be imported"
                            + (f" ({why})" if why else ""))
-    if name == "auto":
-        return "triton" if all(t.is_cuda for t in tensors) and _kernels() is not None else "torch"
     return name
+
+
+def choose_backend(name=None):
+    """The backend for the whole run, "auto", "torch" or "triton": `name` (the --backend
+    option), or when it is None the environment variable AMKP_BACKEND (default "auto").
+    ValueError for another name, RuntimeError for "triton" without usable kernels."""
+    if name is None:
+        return _checked(os.environ.get("AMKP_BACKEND", "auto"), "AMKP_BACKEND")
+    return _checked(name, "--backend")
+
+
+# run/cli.py checks AMKP_BACKEND up front under this name; it goes once the CLI calls choose_backend.
+backend = choose_backend
+
+
+def _on_triton(backend, *tensors):
+    """Whether an op on these tensors runs the kernels, on this backend."""
+    if _checked(backend, "backend") == "auto":
+        return all(t.is_cuda for t in tensors) and _kernels() is not None
+    return backend == "triton"
 
 
 def _kernel_args(*tensors):
@@ -90,7 +110,7 @@ def erase(x, m):
     return x[:, None] * m[:, :, None].to(x.dtype)
 
 
-def masked_gap(x, m):
+def masked_gap(x, m, backend="auto"):
     """Eq. (1)-(2) literally: P_c = g(X ⊙ M̂_c). x (N, D, H, W), m (N, C, H, W) -> P (N, C, D) in x's dtype.
 
     Training does not call it. branch_logits needs only w_cᵀ P_c, and the CAM identity,
@@ -99,30 +119,30 @@ def masked_gap(x, m):
     without building X̂_c, and on the Triton backend runs kernels.masked_gap; differentiable in
     x (masks are constants).
     """
-    if backend(x, m) == "triton":
+    if _on_triton(backend, x, m):
         return _kernels().masked_gap.masked_gap(*_kernel_args(x, m))
     return torch.einsum("ndhw,nchw->ncd", x, m.to(x.dtype)) / (x.shape[-2] * x.shape[-1])
 
 
-def cam(x, m, w):
+def cam(x, m, w, backend="auto"):
     """Eq. (7): H_c = (X ⊙ M̂_c) w_c. x (N, D, H, W), m (N, C, H, W), w (C, D) -> (N, C, H, W)."""
-    if backend(x, m, w) == "triton":
+    if _on_triton(backend, x, m, w):
         x, m, w = _kernel_args(x, m, w)
         return _kernels().masked_cam.masked_cam_logits(x, m, w, torch.zeros_like(w[:, 0]), write_cam=True)[0]
     return (torch.einsum("ndhw,cd->nchw", x, w.to(x.dtype)) * m.to(x.dtype)).to(x.dtype)
 
 
-def branch_logits(x, m, w, b):
+def branch_logits(x, m, w, b, backend="auto"):
     """Inside eq. (2): z_c = w_cᵀ g(X ⊙ M̂_c) + b_c. x (N, D, H, W), m (N, C, H, W) or None, w (C, D), b (C,) -> (N, C).
 
     m=None means all-ones masks, where the identity reduces to w_cᵀ g(X) + b_c.
     """
     if m is None:
         return _wide(F.linear(gap(x), w.to(x.dtype), b.to(x.dtype)))
-    if backend(x, m, w, b) == "triton":
+    if _on_triton(backend, x, m, w, b):
         x, m, w, b = _kernel_args(x, m, w, b)
         return _kernels().masked_cam.masked_cam_logits(x, m, w, b, write_cam=False)[1]
-    return gap(_wide(cam(x, m, w))) + _wide(b)
+    return gap(_wide(cam(x, m, w, backend="torch"))) + _wide(b)
 
 
 def branch_losses(logits, y):
@@ -131,7 +151,7 @@ def branch_losses(logits, y):
     return F.binary_cross_entropy_with_logits(z, y.to(z.dtype), reduction="none").mean(dim=0)
 
 
-def am_step(x, m, w, b, xa, n0):
+def am_step(x, m, w, b, xa, n0, backend="auto"):
     """X's two consumers in an AM step, eq. (2) and (4) at X: (branch_logits(x, m, w, b),
     kp_layer_loss(xa, x[n0:])). x (N, D, H, W) is N_B's X, xa (N − n0, D, H, W) N_A's X for the
     whole images n >= n0 (no gradient), m (N, C, H, W), w (C, D), b (C,) -> ((N, C), scalar).
@@ -139,10 +159,10 @@ def am_step(x, m, w, b, xa, n0):
     The Triton backend reads X once for both and its backward writes dX once, the KP gradient
     added inside the dX tile; the torch backend is the two ops, and autograd sums two dX.
     """
-    if backend(x, m, w, b, xa) == "triton":
+    if _on_triton(backend, x, m, w, b, xa):
         x, m, w, b, xa = _kernel_args(x, m, w, b, xa)
         return _kernels().am_step.am_step(x, m, w, b, xa, n0)
-    return branch_logits(x, m, w, b), kp_layer_loss(xa, x[n0:])
+    return branch_logits(x, m, w, b, backend="torch"), kp_layer_loss(xa, x[n0:], backend="torch")
 
 
 def classification_loss(logits, y):
@@ -150,22 +170,22 @@ def classification_loss(logits, y):
     return branch_losses(logits, y).mean()
 
 
-def kp_layer_loss(fa, fb):
+def kp_layer_loss(fa, fb, backend="auto"):
     """Eq. (4), squared as in the reference: Σ (g(X_A) − g(X_B))² / (N − n). fa, fb (N−n, K, H, W) or (N−n, K)."""
     if fa.shape != fb.shape or fa.dim() not in (2, 4):
         raise ValueError(f"fa and fb must share one shape (N-n, K, H, W) or (N-n, K), "
                          f"got {tuple(fa.shape)} and {tuple(fb.shape)}")
-    if fa.dim() == 4 and backend(fa, fb) == "triton":
+    if fa.dim() == 4 and _on_triton(backend, fa, fb):
         return _kernels().kp_distance.kp_distance(*_kernel_args(fa, fb))
     ga = _wide(_wide_gap(fa) if fa.dim() == 4 else fa)             # (N−n, K)
     gb = _wide(_wide_gap(fb) if fb.dim() == 4 else fb)             # (N−n, K)
     return ((ga - gb) ** 2).sum() / fa.shape[0]
 
 
-def kp_loss(pairs, losses=()):
+def kp_loss(pairs, losses=(), backend="auto"):
     """Eq. (5): L_KP = (1/|K|) Σ_k L_k over (fa, fb) layer pairs and already computed L_k
     (`losses`, e.g. the KP distance at X from am_step)."""
-    terms = [kp_layer_loss(fa, fb) for fa, fb in pairs] + list(losses)
+    terms = [kp_layer_loss(fa, fb, backend=backend) for fa, fb in pairs] + list(losses)
     if not terms:
         raise ValueError("pairs: need at least one (fa, fb) layer pair, got an empty list")
     return torch.stack(terms).mean()
