@@ -21,7 +21,6 @@ torch.set_float32_matmul_precision("high"). On the CPU: perf_counter medians, no
 """
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
