@@ -21,7 +21,6 @@ torch.set_float32_matmul_precision("high"). On the CPU: perf_counter medians, no
 """
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -123,9 +122,7 @@ def skip_reason(op, provider, shape, args, device, itemsize, backward):
 
 def make_call(op, provider, tensors, backward):
     """A no-argument callable running one forward (or forward + backward) of `provider`."""
-    fn, backend = function(op, provider, backward)
-    if backend:  # ops read AMKP_BACKEND per call; providers run one at a time
-        os.environ["AMKP_BACKEND"] = backend
+    fn = function(op, provider, backward)
     if provider == "numpy":
         arrays = as_numpy(tensors)
         return lambda: fn(*arrays)
@@ -230,15 +227,9 @@ def main(argv=None):
                     "read + write)")
     print(f"{meta['device']}: copy bandwidth {copy_bps / 1e9:.2f} GB/s; timing: {meta['timing']}", flush=True)
     rows, compile_left = [], [args.compile_budget]
-    backend = os.environ.get("AMKP_BACKEND")
-    try:
-        for name in args.ops:
-            rows += bench_op(OPS[name], args, device, dtype, fmt, copy_bps, time_fn, compile_left)
-        tput = throughput.run(device, args.quick) if args.throughput else []
-    finally:
-        os.environ.pop("AMKP_BACKEND", None)
-        if backend is not None:
-            os.environ["AMKP_BACKEND"] = backend
+    for name in args.ops:
+        rows += bench_op(OPS[name], args, device, dtype, fmt, copy_bps, time_fn, compile_left)
+    tput = throughput.run(device, args.quick) if args.throughput else []
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]).strip("-").lower() + ("-quick" if args.quick else "")
     atomic_write_text(os.path.join(args.out, f"{slug}.csv"), report.to_csv(rows, tput, meta))
     atomic_write_text(os.path.join(args.out, f"{slug}.md"), report.to_markdown(rows, tput, meta))

@@ -3,39 +3,36 @@
     numpy           the float64 reference (minimal_amkp.reference), forward only, on the CPU
     torch_naive     the paper's order of operations, written here: materialise X ⊙ M̂_c
                     (N, C, D, H, W), then GAP and the branch product; for kp the difference fa - fb
-    torch           minimal_amkp.ops on AMKP_BACKEND=torch: what training runs without the kernels
+    torch           minimal_amkp.ops on the torch backend: what training runs without the kernels
     compile_*       torch.compile of that, modes "default" and "max-autotune-no-cudagraphs" (the
                     bench captures every provider in a CUDA graph itself, or none)
-    triton          minimal_amkp.ops on AMKP_BACKEND=triton: the kernels exactly as training calls them
+    triton          minimal_amkp.ops on the triton backend: the kernels exactly as training calls them
     triton_unfused  (am_step only) ops.branch_logits + ops.kp_layer_loss on the kernels: the AM step
                     without the fused backward, to show what folding the KP gradient into dX buys
 
 Ops, and what each pass times:
     masked_cam   fwd: ops.cam under no_grad, the mining CAM pass; fwd+bwd: ops.branch_logits and
                  its backward into x, w, b, the training use (logits only, no CAM written)
-    masked_gap   g(X̂_c) alone (kernels.masked_gap; no training op uses it, so no ops counterpart:
-                 torch is the batched matmul written here)
+    masked_gap   ops.masked_gap, g(X̂_c) alone (kernels.masked_gap on the triton backend; training
+                 does not use it)
     kp_distance  ops.kp_layer_loss; backward into fb only (N_A is frozen)
     am_step      ops.am_step, the logits and the KP distance at X of one AM step (n/N = 1/8 erased
                  images), and the backward of both into x, w, b
 Every provider of an op takes the same tensors, in the layout the bench was asked for (training on
-a GPU runs channels-last); `extra_bytes` says how much a provider materialises, so the bench can
-skip the ones that would not fit under --max-gb.
+a GPU runs channels-last); the ones built on minimal_amkp.ops take the backend as the keyword
+`backend`, which `function` binds. `extra_bytes` says how much a provider materialises, so the
+bench can skip the ones that would not fit under --max-gb.
 """
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-import kernels
+from kernels import am_step, kp_distance, masked_cam, masked_gap
 from minimal_amkp import ops
 from minimal_amkp import reference as R
 
-# The package attribute `kernels.masked_gap` is the function; the bytes models live in the modules.
-_MODEL = {name: importlib.import_module(f"kernels.{name}").bytes_moved
-          for name in ("masked_cam", "masked_gap", "kp_distance", "am_step")}
-BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton", "compile": "torch"}
+BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton"}  # of the ops-based providers
 COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
 
 
@@ -53,11 +50,6 @@ def gap_naive(x, m):
     return (x[:, None] * m[:, :, None]).mean((3, 4))  # (N, C, D)
 
 
-def gap_torch(x, m):
-    N, D, H, W = x.shape
-    return torch.bmm(m.reshape(N, -1, H * W), x.reshape(N, D, H * W).transpose(1, 2)) / (H * W)
-
-
 def kp_naive(fa, fb):
     return ((fa - fb).mean((2, 3)) ** 2).sum() / fa.shape[0]
 
@@ -70,13 +62,13 @@ def step_naive(x, m, w, b, xa):
     return logits_naive(x, m, w, b), kp_naive(xa, x[n_erased(x.shape[0]):])
 
 
-def step_ops(x, m, w, b, xa):
-    return ops.am_step(x, m, w, b, xa, n_erased(x.shape[0]))
+def step_ops(x, m, w, b, xa, backend):
+    return ops.am_step(x, m, w, b, xa, n_erased(x.shape[0]), backend=backend)
 
 
-def step_unfused(x, m, w, b, xa):
+def step_unfused(x, m, w, b, xa, backend):
     n0 = n_erased(x.shape[0])
-    return ops.branch_logits(x, m, w, b), ops.kp_layer_loss(xa, x[n0:])
+    return ops.branch_logits(x, m, w, b, backend=backend), ops.kp_layer_loss(xa, x[n0:], backend=backend)
 
 
 def step_numpy(x, m, w, b, xa):
@@ -88,8 +80,8 @@ class Op:
     name: str
     inputs: Callable  # (shape, dtype, device, generator, memory_format) -> tensors; shape = (N, C, D, H, W)
     grad_inputs: tuple  # which inputs the fwd+bwd pass differentiates
-    forward: dict  # provider -> callable on the tensors, timed under no_grad
-    train: dict  # provider -> callable on the tensors whose output `loss` turns into a scalar
+    forward: dict  # provider -> callable on the tensors (ops-based: and backend=), timed under no_grad
+    train: dict  # provider -> the same, whose output `loss` turns into a scalar
     loss: Callable  # train output -> scalar to backpropagate
     bytes_moved: Callable  # (shape, itemsize, backward) -> bytes of the model
     extra_bytes: Callable  # (provider, shape, itemsize, backward) -> bytes it materialises
@@ -134,18 +126,17 @@ OPS = {
     "masked_cam": Op(
         "masked_cam", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, True), (0, 2, 3),
         dict(numpy=lambda x, m, w, b: R.cam(x, m, w), torch_naive=lambda x, m, w, b: cam_naive(x, m, w),
-             torch=lambda x, m, w, b: ops.cam(x, m, w)),
+             torch=lambda x, m, w, b, backend: ops.cam(x, m, w, backend=backend)),
         dict(torch_naive=logits_naive, torch=ops.branch_logits),
         lambda out: out.float().sum(),
-        lambda s, it, bwd: _MODEL["masked_cam"](*s, itemsize=it, backward=bwd),
+        lambda s, it, bwd: masked_cam.bytes_moved(*s, itemsize=it, backward=bwd),
         _masked_extra),
     "masked_gap": Op(
         "masked_gap", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, False), (0,),
-        dict(numpy=lambda x, m: R.gap(R.erase(x, m)), torch_naive=gap_naive, torch=gap_torch,
-             triton=kernels.masked_gap),
-        dict(torch_naive=gap_naive, torch=gap_torch, triton=kernels.masked_gap),
+        dict(numpy=lambda x, m: R.gap(R.erase(x, m)), torch_naive=gap_naive, torch=ops.masked_gap),
+        dict(torch_naive=gap_naive, torch=ops.masked_gap),
         lambda out: out.float().sum(),
-        lambda s, it, bwd: _MODEL["masked_gap"](*s, itemsize=it, backward=bwd),
+        lambda s, it, bwd: masked_gap.bytes_moved(*s, itemsize=it, backward=bwd),
         _masked_extra),
     "kp_distance": Op(
         "kp_distance", _kp_inputs,
@@ -153,15 +144,14 @@ OPS = {
         dict(numpy=R.kp_layer_loss, torch_naive=kp_naive, torch=ops.kp_layer_loss),
         dict(torch_naive=kp_naive, torch=ops.kp_layer_loss),
         lambda out: out.float(),
-        lambda s, it, bwd: _MODEL["kp_distance"](s[0], s[2], s[3], s[4], itemsize=it, backward=bwd,
-                                                 grads=1),
+        lambda s, it, bwd: kp_distance.bytes_moved(s[0], s[2], s[3], s[4], itemsize=it, backward=bwd, grads=1),
         _kp_extra),
     "am_step": Op(
         "am_step", lambda s, dt, dev, g, fmt: _masked_inputs(s, dt, dev, g, fmt, True, True), (0, 2, 3),
         dict(numpy=step_numpy, torch_naive=step_naive, torch=step_ops),
         dict(torch_naive=step_naive, torch=step_ops, triton_unfused=step_unfused),
         lambda out: out[0].float().sum() + out[1].float(),
-        lambda s, it, bwd: _MODEL["am_step"](*s, itemsize=it, backward=bwd),
+        lambda s, it, bwd: am_step.bytes_moved(*s, itemsize=it, backward=bwd),
         lambda p, s, it, bwd: _masked_extra(p, s, it, bwd) + _kp_extra(p, s, it, bwd)),
 }
 for _op in OPS.values():  # the ops' torch entries are also what compile_* and triton run
@@ -177,15 +167,19 @@ def providers(op, backward):
     return names + [p for p in ("triton_unfused", "triton") if p in fns]
 
 
+def _on(fn, backend):
+    return lambda *tensors: fn(*tensors, backend=backend)
+
+
 def function(op, provider, backward):
-    """(callable, AMKP_BACKEND it needs or None): what one provider runs for one pass."""
+    """What one provider runs for one pass: a callable on the op's tensors, bound to its backend."""
     fns = op.train if backward else op.forward
     if provider.startswith("compile_"):
         # Dynamo's recompile limit counts per Python function across all wrappers; start afresh.
         torch._dynamo.reset()
-        return torch.compile(fns["torch"], mode=COMPILE_MODES[provider.removeprefix("compile_")],
-                             dynamic=False), "torch"
-    return fns[provider], BACKEND.get(provider)
+        return torch.compile(_on(fns["torch"], "torch"), mode=COMPILE_MODES[provider.removeprefix("compile_")],
+                             dynamic=False)
+    return _on(fns[provider], BACKEND[provider]) if provider in BACKEND else fns[provider]
 
 
 def as_numpy(tensors):

@@ -8,9 +8,9 @@ each with the hours a pass over all of ChestX-ray14 (112,120 images) takes at th
 the model runs as the CLI runs it (channels-last, bf16 autocast, cuDNN benchmark), timed as whole
 eager steps with the device synchronised (no CUDA graphs: an optimizer step is part of the row).
 --quick: N = 16 on a GPU, 2 on a CPU; otherwise 64 (the paper's minibatch) and 4. On a CPU the
-triton backend is not timed: the interpreter is not a speed path.
+triton backend is not timed: the interpreter is not a speed path. A row's backend is given to
+both networks (ResNetMSA.backend), as the CLI gives its --backend.
 """
-import os
 import statistics
 import time
 
@@ -78,7 +78,7 @@ def run(device, quick):
             if backend == "triton" and not gpu:
                 rows.append(row | dict(note="skipped: needs a CUDA device; the interpreter is not a speed path"))
                 continue
-            os.environ["AMKP_BACKEND"] = backend
+            model.backend = model_a.backend = backend
             try:
                 t = _median_s(fn, device, reps)
             except Exception as e:  # a backend that cannot run here is a finding, not a crash

@@ -20,18 +20,13 @@ P partials and the channel sums; backward reads m, w, both partials and writes d
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from . import kp_distance, masked_cam
 from .launch import check, check_same, like
 
-# The package attributes of these names are the functions; the modules hold forward/backward.
-MC = importlib.import_module("kernels.masked_cam")
-KP = importlib.import_module("kernels.kp_distance")
 
-
-def bytes_moved(N, C, D, H, W, itemsize=4, backward=False, n0=None, block_hw=MC.TRAIN_BLOCK_HW):
+def bytes_moved(N, C, D, H, W, itemsize=4, backward=False, n0=None, block_hw=masked_cam.TRAIN_BLOCK_HW):
     """HBM traffic of the forward (or forward + backward) pass, in bytes; n0 defaults to N / 8
     (the paper's n/N = 0.125 erased images per minibatch)."""
     n0 = N // 8 if n0 is None else n0
@@ -48,32 +43,35 @@ class AmStep(torch.autograd.Function):
     """(logits, l_kp); differentiable in x, w, b (masks and N_A's xa are constants)."""
 
     @staticmethod
-    def forward(ctx, x, m, w, b, xa, n0, save_p):
+    def forward(ctx, x, m, w, b, xa, n0, save_p, poison):
         ctx.set_materialize_grads(False)
-        _, logits, parts = MC.forward(x, m, w, b, write_cam=False, save_p=save_p, save_g_from=n0)
-        l_kp, diff = KP.forward_sums(xa, parts.g)
+        _, logits, parts = masked_cam.forward(x, m, w, b, write_cam=False, save_p=save_p, save_g_from=n0,
+                                              poison=poison)
+        l_kp, diff = kp_distance.forward_sums(xa, parts.g, poison)
         ctx.save_for_backward(m, w, b, parts.p, diff)
-        ctx.x, ctx.n0 = like(x), n0
+        ctx.x, ctx.n0, ctx.poison = like(x), n0, poison
         return logits, l_kp
 
     @staticmethod
     def backward(ctx, dlogits, dk):
         m, w, b, p, diff = ctx.saved_tensors
         if dlogits is None and dk is None:
-            return (None,) * 7
+            return (None,) * 8
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         kp = None if dk is None else (diff, dk, ctx.n0)
         if dlogits is None:  # only the KP term reached x: the logits path contributes zeros
             dlogits = torch.zeros(m.shape[:2], device=m.device)
-        dx, dw, db = MC.backward(ctx.x, m, w, b, dlogits, None, needs, p, kp)
-        return dx, None, dw, db, None, None, None
+        dx, dw, db = masked_cam.backward(ctx.x, m, w, b, dlogits, None, needs, p, kp, ctx.poison)
+        return dx, None, dw, db, None, None, None, None
 
 
-def am_step(x, m, w, b, xa, n0):
+def am_step(x, m, w, b, xa, n0, poison=False):
     """x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,), xa (N - n0, D, H, W), one dtype
     (float32 or bfloat16), maps in NCHW or channels-last, 0 <= n0 < N ->
     (logits (N, C) float32 = reference.branch_logits(x, m, w, b),
-     l_kp 0-d float32 = reference.kp_layer_loss(xa, x[n0:]))."""
+     l_kp 0-d float32 = reference.kp_layer_loss(xa, x[n0:])).
+    poison=True (the tests) starts every output, buffer and gradient as NaN, so an element the
+    kernels did not write shows up."""
     check("x", x, 4, "(N, D, H, W)")
     check("xa", xa, 4, "(N - n0, D, H, W)")
     N = x.shape[0]
@@ -83,4 +81,4 @@ def am_step(x, m, w, b, xa, n0):
         raise ValueError(f"xa has shape {tuple(xa.shape)}; expected (N - n0, D, H, W) = "
                          f"({N - n0}, {', '.join(map(str, x.shape[1:]))}) for x {tuple(x.shape)} and n0 = {n0}")
     check_same(("x", "xa"), (x, xa))
-    return AmStep.apply(x, m, w, b, xa, n0, MC.save_p_for(w))
+    return AmStep.apply(x, m, w, b, xa, n0, masked_cam.save_p_for(w), poison)

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from . import am_step, kp_distance, launch, masked_cam_logits, masked_gap
-from .am_step import MC
+from . import am_step, kp_distance, launch, masked_cam, masked_gap
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -77,24 +76,24 @@ def drive(quick):
     layouts = (torch.channels_last, torch.contiguous_format)
     cases = [(torch.bfloat16, torch.channels_last, None)] if quick else itertools.product(DTYPES, layouts, (None, 3))
     for dtype, fmt, split in cases:
-        saved, MC.SPLIT = MC.SPLIT, split
+        saved, masked_cam.SPLIT = masked_cam.SPLIT, split
         try:
             x = torch.randn(4, 96, 6, 6, dtype=dtype).to(memory_format=fmt).requires_grad_()
             xa = torch.randn(3, 96, 6, 6, dtype=dtype).to(memory_format=fmt)
             m = torch.ones(4, 14, 6, 6, dtype=dtype)
             w, b = (torch.randn(s, dtype=dtype, requires_grad=True) for s in ((14, 96), (14,)))
-            logits, l_kp = am_step(x, m, w, b, xa, 1)
+            logits, l_kp = am_step.am_step(x, m, w, b, xa, 1)
             torch.autograd.grad(logits.sum() + l_kp, (x, w, b))
             if quick:
                 continue
-            cam, logits = masked_cam_logits(x, m, w, b)
+            cam, logits = masked_cam.masked_cam_logits(x, m, w, b)
             torch.autograd.grad((cam.float().sum(), logits.sum()), (x, w, b))
             if split is None:
-                torch.autograd.grad(masked_gap(x, m).float().sum(), x)
+                torch.autograd.grad(masked_gap.masked_gap(x, m).float().sum(), x)
                 fa = xa.requires_grad_()
-                torch.autograd.grad(kp_distance(fa, x[1:]), (fa, x))
+                torch.autograd.grad(kp_distance.kp_distance(fa, x[1:]), (fa, x))
         finally:
-            MC.SPLIT = saved
+            masked_cam.SPLIT = saved
 
 
 def main(argv=None):

@@ -108,22 +108,22 @@ def _blocks(HW):
     return max(1, TILE // block_hw), block_hw
 
 
-def _forward(fa, fb, gsum):
+def _forward(fa, fb, gsum, poison):
     N, K, H, W = fa.shape
     R, HW = N * K, H * W
     block_r, block_hw = _blocks(HW)
     n_prog = triton.cdiv(R, block_r)
-    diff = empty((R,), fa.device)
-    part = empty((1, n_prog, 1), fa.device)
+    diff = empty((R,), fa.device, poison=poison)
+    part = empty((1, n_prog, 1), fa.device, poison=poison)
     # With FB_SUMS fb is never read: fa stands in for it (and gsum for fb's sums otherwise).
     _kp_fwd_kernel((n_prog,), fa, fa if fb is None else fb, diff if gsum is None else gsum, diff, part,
         R, K, HW, 0 if gsum is None else gsum.shape[1], *launch.strides(fa),
         *launch.strides(fa if fb is None else fb), BLOCK_R=block_r, BLOCK_HW=block_hw,
         FB_SUMS=gsum is not None)
-    return launch.reduce_partials(part, 1.0 / N).reshape(()), diff
+    return launch.reduce_partials(part, 1.0 / N, poison=poison).reshape(()), diff
 
 
-def forward(fa, fb):
+def forward(fa, fb, poison=False):
     """Check inputs and launch: -> (loss 0-d float32 tensor, diff (N*K,) fp32)."""
     check("fa", fa, 4, "(N, K, H, W)")
     check("fb", fb, 4, "(N, K, H, W)")
@@ -131,24 +131,24 @@ def forward(fa, fb):
     if fa.shape != fb.shape:
         raise ValueError(f"fa and fb must have the same shape (N, K, H, W), "
                          f"got {tuple(fa.shape)} and {tuple(fb.shape)}")
-    return _forward(fa, fb, None)
+    return _forward(fa, fb, None, poison)
 
 
-def forward_sums(fa, gsum):
+def forward_sums(fa, gsum, poison=False):
     """Eq. (4) with fb given by its channel sums per pixel block, gsum (N, J, K) fp32, so that
     g(fb)[n, k] = gsum[n, :, k].sum() / HW (fa's HW): -> (loss 0-d float32, diff (N*K,) fp32).
     The caller (kernels.am_step) has checked fa and gsum."""
-    return _forward(fa, None, gsum)
+    return _forward(fa, None, gsum, poison)
 
 
-def backward(diff, dl, fa, fb, need_a, need_b):
+def backward(diff, dl, fa, fb, need_a, need_b, poison=False):
     """(dfa or None, dfb or None) from the saved row differences and dL; fa and fb (real or
     launch.like tensors) give the shapes and layouts."""
     N, K, H, W = fa.shape
     R, HW = N * K, H * W
     block_r, block_hw = _blocks(HW)
-    dfa = empty_like(fa, diff.device) if need_a else None
-    dfb = empty_like(fb, diff.device) if need_b else None
+    dfa = empty_like(fa, diff.device, poison) if need_a else None
+    dfb = empty_like(fb, diff.device, poison) if need_b else None
     out_a, out_b = dfb if dfa is None else dfa, dfa if dfb is None else dfb
     # A pointer a constexpr flag switches off is never dereferenced; the other output stands in.
     _kp_bwd_kernel((triton.cdiv(R, block_r), triton.cdiv(HW, block_hw)), diff, dl.float().reshape(1),
@@ -161,22 +161,24 @@ class KpDistance(torch.autograd.Function):
     """Eq. (4) on (N, K, H, W) maps; differentiable in both inputs."""
 
     @staticmethod
-    def forward(ctx, fa, fb):
-        loss, diff = forward(fa, fb)
+    def forward(ctx, fa, fb, poison):
+        loss, diff = forward(fa, fb, poison)
         ctx.save_for_backward(diff)
         ctx.fa, ctx.fb = launch.like(fa), launch.like(fb)  # backward needs only their layouts
+        ctx.poison = poison
         return loss
 
     @staticmethod
     def backward(ctx, dl):
         (diff,) = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad
+        need_a, need_b = ctx.needs_input_grad[:2]
         if not (need_a or need_b):
-            return None, None
-        return backward(diff, dl, ctx.fa, ctx.fb, need_a, need_b)
+            return None, None, None
+        return *backward(diff, dl, ctx.fa, ctx.fb, need_a, need_b, ctx.poison), None
 
 
-def kp_distance(fa, fb):
+def kp_distance(fa, fb, poison=False):
     """fa, fb (N, K, H, W), one dtype (float32 or bfloat16), NCHW or channels-last ->
-    0-d float32 tensor = reference.kp_layer_loss."""
-    return KpDistance.apply(fa, fb)
+    0-d float32 tensor = reference.kp_layer_loss. poison=True (the tests) starts every output
+    and gradient as NaN, so an element the kernels did not write shows up."""
+    return KpDistance.apply(fa, fb, poison)

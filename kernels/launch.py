@@ -55,8 +55,6 @@ def _interpreting():
 INTERPRET = triton is not None and _interpreting()
 FP32_PRECISION = "tf32"
 DTYPES = (torch.float32, torch.bfloat16)
-# Tests set this so every output starts as NaN and an element a kernel forgot to write shows up.
-POISON = False
 
 
 class Kernel:
@@ -103,17 +101,18 @@ def kernel(space, key=(), prune=None):
     return lambda fn: Kernel(fn, configs(space), key, prune)
 
 
-def empty(shape, device, dtype=torch.float32):
-    """torch.empty, or NaN-filled when POISON is on; every kernel output goes through here."""
+def empty(shape, device, dtype=torch.float32, poison=False):
+    """torch.empty; every kernel output goes through here. poison=True (the tests) fills it with
+    NaN, so an element no program wrote shows up."""
     out = torch.empty(shape, device=device, dtype=dtype)
-    return out.fill_(float("nan")) if POISON else out
+    return out.fill_(float("nan")) if poison else out
 
 
-def empty_like(t, device=None):
+def empty_like(t, device=None, poison=False):
     """An output shaped and laid out like t (channels-last stays channels-last), on `device`
-    (default t's; t may be a meta tensor that only remembers the layout), NaN-filled when POISON is on."""
+    (default t's; t may be a meta tensor that only remembers the layout); NaN-filled if poison."""
     out = torch.empty_like(t, device=device or t.device)
-    return out.fill_(float("nan")) if POISON else out
+    return out.fill_(float("nan")) if poison else out
 
 
 def like(t):
@@ -202,11 +201,11 @@ def _reduce_kernel(
     tl.store(out_ptr + b * M + i, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def reduce_partials(part, scale, bias=None):
+def reduce_partials(part, scale, bias=None, poison=False):
     """The epilogue of every kernel with per-program partials: part (B, J, M) fp32 ->
     scale * part.sum(1) (+ bias) as (B, M) fp32, one launch, summed in a fixed order (no atomics)."""
     B, J, M = part.shape
-    out = empty((B, M), part.device)
+    out = empty((B, M), part.device, poison=poison)
     _reduce_kernel(lambda meta: (B, triton.cdiv(M, meta["BLOCK_M"])), part,
                    part if bias is None else bias, out, J, M, 0 if bias is None else bias.stride(0),
                    scale, HAS_BIAS=bias is not None)

@@ -312,10 +312,10 @@ def _grid(N, HW, split):
     return lambda meta: (N, triton.cdiv(HW, meta["BLOCK_HW"]), split)
 
 
-def forward(x, m, w, b, write_cam=True, save_p=False, save_g_from=None):
+def forward(x, m, w, b, write_cam=True, save_p=False, save_g_from=None, poison=False):
     """Check inputs and launch -> (cam (N, C, H, W) in x's dtype or None, logits (N, C) fp32,
     Partials: P (N, n_hw, C, D) fp32 if save_p, the channel sums of x (N - save_g_from, n_hw, D)
-    fp32 unless save_g_from is None)."""
+    fp32 unless save_g_from is None); poison: every buffer starts as NaN."""
     check("x", x, 4, "(N, D, H, W)")
     check("m", m, 4, "(N, C, H, W)")
     check("w", w, 2, "(C, D)")
@@ -336,12 +336,12 @@ def forward(x, m, w, b, write_cam=True, save_p=False, save_g_from=None):
     HW, dev = H * W, x.device
     split, slots = _split(N, D, HW, dev), _slots(_cam_fwd_kernel, HW, D, save_p)
     g0 = N if save_g_from is None else save_g_from
-    cam = empty((N, C, H, W), dev, x.dtype) if write_cam else None
+    cam = empty((N, C, H, W), dev, x.dtype, poison) if write_cam else None
     l_slots = max(slots, triton.cdiv(HW, _combine_kernel.configs[0].kwargs["BLOCK_HW"]))
-    lpart = empty((N * l_slots * C,), dev)
-    hpart = empty((N, split, C, HW), dev) if split > 1 else None
-    ppart = empty((N * slots * C * D,), dev) if save_p else None
-    gpart = empty(((N - g0) * slots * D,), dev) if g0 < N else None
+    lpart = empty((N * l_slots * C,), dev, poison=poison)
+    hpart = empty((N, split, C, HW), dev, poison=poison) if split > 1 else None
+    ppart = empty((N * slots * C * D,), dev, poison=poison) if save_p else None
+    gpart = empty(((N - g0) * slots * D,), dev, poison=poison) if g0 < N else None
     # Pointers a constexpr flag switches off are never dereferenced; lpart stands in for them.
     meta = _cam_fwd_kernel(
         _grid(N, HW, split), x, m, w, *(lpart if t is None else t for t in (cam, hpart)), lpart,
@@ -355,17 +355,17 @@ def forward(x, m, w, b, write_cam=True, save_p=False, save_g_from=None):
                                lpart if cam is None else cam, lpart, C, HW, SPLIT=split,
                                BLOCK_C=next_pow2(C, 1), WRITE_CAM=write_cam)
         l_hw = triton.cdiv(HW, meta["BLOCK_HW"])
-    logits = launch.reduce_partials(_packed(lpart, N, l_hw, C), 1.0 / HW, b)
+    logits = launch.reduce_partials(_packed(lpart, N, l_hw, C), 1.0 / HW, b, poison)
     return cam, logits, Partials(None if ppart is None else _packed(ppart, N, n_hw, C, D),
                                  None if gpart is None else _packed(gpart, N - g0, n_hw, D))
 
 
-def backward(x, m, w, b, dlogits, dcam, needs, p, kp=None):
+def backward(x, m, w, b, dlogits, dcam, needs, p, kp=None, poison=False):
     """(dx, dw, db), each None unless `needs` (three bools) asks for it. x is the forward's input,
     or its launch.like when dcam is None (then only its shape and layout are used); dlogits
     (N, C) and dcam (N, C, H, W) are upstream grads, not both None; p: forward's P partials
     (needed when w needs a grad and dcam is None); kp: the AM step's (diff (N - n0, D) fp32,
-    dk 0-d tensor, n0) or None."""
+    dk 0-d tensor, n0) or None; poison: every buffer starts as NaN."""
     need_dx, need_dw, need_db = needs
     N, D, H, W = x.shape
     C, HW, dev = m.shape[1], H * W, m.device
@@ -373,8 +373,8 @@ def backward(x, m, w, b, dlogits, dcam, needs, p, kp=None):
     kernel_dw = need_dw and dcam is not None  # cam had a grad: dw from x, not from P
     need_db = need_db and dl is not None
     split, slots = _split(N, D, HW, dev), _slots(_cam_bwd_kernel, HW, D)
-    dx = empty_like(x, dev) if need_dx else None
-    part = empty((N * slots * C * D,), dev) if kernel_dw else p
+    dx = empty_like(x, dev, poison) if need_dx else None
+    part = empty((N * slots * C * D,), dev, poison=poison) if kernel_dw else p
     if need_dx or kernel_dw:
         g = m if dcam is None else dcam
         kp0, diff, dk = (N, m, m) if kp is None else (kp[2], kp[0], kp[1].float().reshape(1))
@@ -390,8 +390,8 @@ def backward(x, m, w, b, dlogits, dcam, needs, p, kp=None):
             part = _packed(part, N, triton.cdiv(HW, meta["BLOCK_HW"]), C, D)
     if not (need_dw or need_db):
         return dx, None, None
-    dw = empty((C, D), dev, w.dtype) if need_dw else None
-    db = empty((C,), dev, b.dtype) if need_db else None
+    dw = empty((C, D), dev, w.dtype, poison) if need_dw else None
+    db = empty((C,), dev, b.dtype, poison) if need_db else None
     _dw_kernel(lambda meta: (C, triton.cdiv(D, meta["BLOCK_D"])),
                *(m if t is None else t for t in (part if need_dw else None, dl, dw, db)),
                N, part.shape[1] if need_dw else 0, C, D, 1.0 / HW, WEIGHTED=not kernel_dw,
@@ -403,12 +403,12 @@ class MaskedCamLogits(torch.autograd.Function):
     """(cam, logits) or logits alone; differentiable in x, w, b (masks are constants)."""
 
     @staticmethod
-    def forward(ctx, x, m, w, b, write_cam, save_p):
+    def forward(ctx, x, m, w, b, write_cam, save_p, poison):
         ctx.set_materialize_grads(False)  # an unused output's grad arrives as None: skip its work
-        cam, logits, parts = forward(x, m, w, b, write_cam, save_p)
+        cam, logits, parts = forward(x, m, w, b, write_cam, save_p, poison=poison)
         # x itself is re-read only for dw when cam gets a grad; otherwise keep only its layout.
         ctx.save_for_backward(x if write_cam else None, m, w, b, parts.p)
-        ctx.x, ctx.write_cam = launch.like(x), write_cam
+        ctx.x, ctx.write_cam, ctx.poison = launch.like(x), write_cam, poison
         return (cam, logits) if write_cam else logits
 
     @staticmethod
@@ -417,10 +417,10 @@ class MaskedCamLogits(torch.autograd.Function):
         x = ctx.x if x is None else x
         dcam, dlogits = grads if ctx.write_cam else (None, grads[0])
         if dcam is None and dlogits is None:
-            return None, None, None, None, None, None
+            return (None,) * 7
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        dx, dw, db = backward(x, m, w, b, dlogits, dcam, needs, p)
-        return dx, None, dw, db, None, None
+        dx, dw, db = backward(x, m, w, b, dlogits, dcam, needs, p, poison=ctx.poison)
+        return dx, None, dw, db, None, None, None
 
 
 def save_p_for(w):
@@ -428,10 +428,11 @@ def save_p_for(w):
     return torch.is_grad_enabled() and isinstance(w, torch.Tensor) and w.requires_grad
 
 
-def masked_cam_logits(x, m, w, b, write_cam=True):
+def masked_cam_logits(x, m, w, b, write_cam=True, poison=False):
     """x (N, D, H, W), m (N, C, H, W), w (C, D), b (C,), one dtype (float32 or bfloat16), x in
     NCHW or channels-last -> (cam (N, C, H, W) in x's dtype = reference.cam, or None unless
-    write_cam; logits (N, C) float32 = reference.branch_logits)."""
+    write_cam; logits (N, C) float32 = reference.branch_logits). poison=True (the tests) starts
+    every output, buffer and gradient as NaN, so an element the kernels did not write shows up."""
     if write_cam:
-        return MaskedCamLogits.apply(x, m, w, b, True, save_p_for(w))
-    return None, MaskedCamLogits.apply(x, m, w, b, False, save_p_for(w))
+        return MaskedCamLogits.apply(x, m, w, b, True, save_p_for(w), poison)
+    return None, MaskedCamLogits.apply(x, m, w, b, False, save_p_for(w), poison)

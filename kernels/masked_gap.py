@@ -8,8 +8,8 @@ the (C, HW) @ (HW, D) product m_n x_nᵀ / HW, done with tl.dot on (C, HW-block)
 tiles loaded through strides, so NCHW and channels-last x run the same code without a copy.
 Backward is the adjoint, dx[n, d, hw] = (1 / HW) sum_c dP[n, c, d] m[n, c, hw], written in x's
 layout; masks are binary erasure masks, constants of the attention-mining step, so no gradient
-flows to m. No training step uses this op (ops.branch_logits goes through masked_cam); it is
-the bench's and the tests' view of g(X̂_c) on its own.
+flows to m. No training step uses this kernel (ops.branch_logits goes through masked_cam); it is
+ops.masked_gap on the Triton backend, the literal g(X̂_c) for readers, the tests and the bench.
 
 Bytes moved (the model the bench divides by): forward reads x and m and writes P; backward reads
 dP and m and writes dx. Masks are re-read once per D-block; they are C/D of x's size and stay in
@@ -96,7 +96,7 @@ def _gap_bwd_kernel(
                  dxt.to(dx_ptr.dtype.element_ty), mask=(hw[:, None] < HW) & (d[None, :] < D))
 
 
-def forward(x, m):
+def forward(x, m, poison=False):
     """Check inputs and launch the forward kernel: x (N, D, H, W), m (N, C, H, W) -> P (N, C, D)."""
     check("x", x, 4, "(N, D, H, W)")
     check("m", m, 4, "(N, C, H, W)")
@@ -106,17 +106,17 @@ def forward(x, m):
     if m.shape != (N, C, H, W):
         raise ValueError(f"m has shape {tuple(m.shape)} but x is {tuple(x.shape)}; "
                          f"expected m (N, C, H, W) = ({N}, C, {H}, {W})")
-    p = empty((N, C, D), x.device, x.dtype)
+    p = empty((N, C, D), x.device, x.dtype, poison)
     _gap_fwd_kernel(lambda meta: (N, triton.cdiv(D, meta["BLOCK_D"])), x, m, p, C, D, H * W,
         *launch.strides(x), *launch.strides(m), BLOCK_C=next_pow2(C), UPCAST=launch.INTERPRET,
         PRECISION=launch.FP32_PRECISION)
     return p
 
 
-def backward(dp, m, x):
+def backward(dp, m, x, poison=False):
     """dx from dp (N, C, D) and the forward's masks; x (real or launch.like) gives its shape and layout."""
     N, C, H, W = m.shape
-    dx = empty_like(x, m.device)
+    dx = empty_like(x, m.device, poison)
     _gap_bwd_kernel(lambda meta: (N, triton.cdiv(H * W, meta["BLOCK_HW"])), dp, m, dx, C, x.shape[1], H * W,
         *dp.stride(), *launch.strides(m), *launch.strides(dx), BLOCK_C=next_pow2(C),
         UPCAST=launch.INTERPRET, PRECISION=launch.FP32_PRECISION)
@@ -127,18 +127,19 @@ class MaskedGap(torch.autograd.Function):
     """P = g(x ⊙ m_c); differentiable in x only (masks are constants of the AM step)."""
 
     @staticmethod
-    def forward(ctx, x, m):
+    def forward(ctx, x, m, poison):
         ctx.save_for_backward(m)
-        ctx.x = launch.like(x)
-        return forward(x, m)
+        ctx.x, ctx.poison = launch.like(x), poison
+        return forward(x, m, poison)
 
     @staticmethod
     def backward(ctx, dp):
         (m,) = ctx.saved_tensors
-        return (backward(dp, m, ctx.x) if ctx.needs_input_grad[0] else None), None
+        return (backward(dp, m, ctx.x, ctx.poison) if ctx.needs_input_grad[0] else None), None, None
 
 
-def masked_gap(x, m):
+def masked_gap(x, m, poison=False):
     """x (N, D, H, W) in NCHW or channels-last, m (N, C, H, W), float32 or bfloat16 ->
-    P (N, C, D) in x's dtype = mean_hw(x[n, d] m[n, c])."""
-    return MaskedGap.apply(x, m)
+    P (N, C, D) in x's dtype = mean_hw(x[n, d] m[n, c]). poison=True (the tests) starts P and dx
+    as NaN, so an element the kernels did not write shows up."""
+    return MaskedGap.apply(x, m, poison)

@@ -85,8 +85,9 @@ class MSA(nn.Module):
 
 
 class ResNetMSA(nn.Module):
-    def __init__(self, cfg, num_classes=len(CLASSES)):
+    def __init__(self, cfg, num_classes=len(CLASSES), backend="auto"):
         super().__init__()
+        self.backend = backend          # chosen once for the run (ops.choose_backend), given to every op
         self.msa_mode = cfg.msa
         w = cfg.width
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -174,9 +175,9 @@ class ResNetMSA(nn.Module):
             raise ValueError(f"m must be (N, C, h, w) = ({x.shape[0]}, {self.fc.out_features}, "
                              f"{x.shape[2]}, {x.shape[3]}) for image {tuple(image.shape)}, got {tuple(m.shape)}")
         if kp_x is not None:
-            logits, l_kp_x = ops.am_step(x, m, self.fc.weight, self.fc.bias, *kp_x)
+            logits, l_kp_x = ops.am_step(x, m, self.fc.weight, self.fc.bias, *kp_x, backend=self.backend)
             return Outputs(x3, x4, x, logits), l_kp_x
-        logits = ops.branch_logits(x, m, self.fc.weight, self.fc.bias)  # (N, C)
+        logits = ops.branch_logits(x, m, self.fc.weight, self.fc.bias, backend=self.backend)  # (N, C)
         return Outputs(x3, x4, x, logits)
 
     def base_logits(self, image):
@@ -189,7 +190,7 @@ class ResNetMSA(nn.Module):
         """Eq. (7) for the first `classes` branches: image (N, 1, S, S), m (N, classes, h, w) -> (N, classes, h, w)."""
         x3, x4 = self.backbone(image)
         x = x4 if self.msa is None else self.msa(x3, x4)
-        return ops.cam(x, m, self.fc.weight[:classes])
+        return ops.cam(x, m, self.fc.weight[:classes], backend=self.backend)
 
 
 def map_size(image_size, msa, stages=4):

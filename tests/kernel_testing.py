@@ -1,4 +1,4 @@
-"""What the kernel tests share: devices, dtypes, tolerances, comparison and output poisoning.
+"""What the kernel tests share: devices, dtypes, tolerances, comparison and the poison check.
 
 Tolerances live here, in one table. Every check is |got - want| <= TOL * scale elementwise,
 where `want` is the float64 reference on the very inputs the kernel saw (bf16 inputs are
@@ -7,10 +7,11 @@ absolute values (inputs and upstream gradients), which bounds the rounding error
 of products term by term; an all-zero mask gives scale 0 and demands an exact 0. The
 tolerance is that of the output's dtype: float32 logits and losses of bf16 inputs are held
 to float32's (products of bf16 values are exact in fp32), so a result rounded through bf16
-on the way fails.
+on the way fails. Every launch a test checks passes poison=True: its outputs start as NaN, so
+an element no program wrote fails the comparison; assert_poisoned checks that the flag
+reaches every output and gradient.
 """
 import contextlib
-import importlib
 
 import numpy as np
 import pytest
@@ -33,19 +34,6 @@ TOL = {
 }
 # Under the interpreter every example costs ~0.1-1 s of the shared CPU: few, fixed examples.
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, print_blob=True)
-
-
-def module(name):
-    """The kernel module itself: the package attribute of the same name is the function."""
-    return importlib.import_module(f"kernels.{name}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def poison_outputs():
-    """Every kernel output starts as NaN, so an element no program wrote fails the comparison."""
-    launch.POISON = True
-    yield
-    launch.POISON = False
 
 
 @contextlib.contextmanager
@@ -72,6 +60,15 @@ def launches():
 
     with patched(launch.Kernel, __call__=spy):
         yield seen
+
+
+def assert_poisoned(run):
+    """run() launches with poison=True and returns {name: output or gradient}; with every launch
+    skipped, each of them must be NaN throughout, as allocated."""
+    with patched(launch.Kernel, __call__=lambda self, grid, *args, **kwargs: self.configs[0].kwargs):
+        named = run()
+    for name, t in named.items():
+        assert t is not None and torch.isnan(t.float()).all(), f"{name}: allocated without poison"
 
 
 @contextlib.contextmanager

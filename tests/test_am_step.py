@@ -1,4 +1,4 @@
-"""kernels.am_step against reference.branch_logits (eq. 2) and reference.kp_layer_loss (eq. 4) at X.
+"""kernels.am_step.am_step against reference.branch_logits (eq. 2) and reference.kp_layer_loss (eq. 4) at X.
 
 Gradients (dx with the KP term folded in, dw, db) are checked against float64 torch autograd of
 the same math; that expression's values are first checked against the reference itself.
@@ -13,22 +13,20 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, launches, masks,
-                            module, patched, poison_outputs, raises_one_line, same_layout, tensor,
-                            tiles)  # noqa: F401 (fixture)
-from kernels import am_step, compile_check
+from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, grad64, launches,
+                            masks, patched, raises_one_line, same_layout, tensor, tiles)
+from kernels import am_step, compile_check, kp_distance, masked_cam
 from minimal_amkp import reference as R
-
-MC, KP = module("masked_cam"), module("kp_distance")
 
 
 @contextlib.contextmanager
 def tiling(name):
     """default; small: 16-wide tiles, so tiny shapes loop; split: D in 3 chunks besides."""
     meta = {} if name == "default" else dict(BLOCK_D=16, BLOCK_HW=16)
-    with patched(MC, SPLIT=3 if name == "split" else None), \
-            tiles(MC._cam_fwd_kernel, MC._cam_bwd_kernel, MC._combine_kernel, MC._dw_kernel, **meta), \
-            patched(KP, **(dict(MAX_BLOCK_HW=16, TILE=64) if meta else {})):
+    with patched(masked_cam, SPLIT=3 if name == "split" else None), \
+            tiles(masked_cam._cam_fwd_kernel, masked_cam._cam_bwd_kernel, masked_cam._combine_kernel,
+                  masked_cam._dw_kernel, **meta), \
+            patched(kp_distance, **(dict(MAX_BLOCK_HW=16, TILE=64) if meta else {})):
         yield
 
 
@@ -70,7 +68,7 @@ def test_am_step_and_gradients_match_reference(n, erased, d, h, w, c, mask, tile
     assert float(kp64) == pytest.approx(R.kp_layer_loss(xa64, x64[n0:]), rel=1e-12, abs=1e-300)
 
     with tiling(tile):
-        logits, l_kp = am_step(x, m, wc, b, xa, n0)
+        logits, l_kp = am_step.am_step(x, m, wc, b, xa, n0, poison=True)
         assert logits.dtype == l_kp.dtype == torch.float32 and logits.shape == (n, c) and l_kp.shape == ()
         assert_close("logits", as64(logits), z64.numpy(),
                      R.branch_logits(abs(x64), m64, abs(w64), abs(b64)), torch.float32)
@@ -105,12 +103,27 @@ def test_dx_is_written_once_by_the_dx_kernel():
     xa = tensor(rng.normal(size=(3, 24, 4, 4)), torch.float32, channels_last=True)
     m = tensor(masks(rng, "random", (4, 5, 4, 4)), torch.float32)
     w, b = tensor(rng.normal(size=(5, 24)), torch.float32, True), tensor(rng.normal(size=5), torch.float32)
-    logits, l_kp = am_step(x, m, w, b, xa, 1)
+    logits, l_kp = am_step.am_step(x, m, w, b, xa, 1, poison=True)
     with launches() as seen:
         (dx,) = torch.autograd.grad(logits.sum() + l_kp, x)
-    written = [args[7] for kernel, args in seen if kernel is MC._cam_bwd_kernel]  # dx_ptr
+    written = [args[7] for kernel, args in seen if kernel is masked_cam._cam_bwd_kernel]  # dx_ptr
     assert len(written) == 1 and written[0].data_ptr() == dx.data_ptr()
     same_layout("dx", dx, x)
+
+
+@pytest.mark.parametrize("tile", ["default", "split"])
+def test_poison_reaches_every_output_and_gradient(tile):
+    x = tensor(np.ones((4, 24, 4, 4)), torch.float32, True, channels_last=True)
+    xa = tensor(np.ones((3, 24, 4, 4)), torch.float32, channels_last=True)
+    m = tensor(np.ones((4, 5, 4, 4)), torch.float32)
+    w, b = tensor(np.ones((5, 24)), torch.float32, True), tensor(np.ones(5), torch.float32, True)
+
+    def run():
+        logits, l_kp = am_step.am_step(x, m, w, b, xa, 1, poison=True)
+        grads = torch.autograd.grad(logits.sum() + l_kp, (x, w, b))
+        return dict(zip(("logits", "l_kp", "dx", "dw", "db"), (logits, l_kp, *grads)))
+    with tiling(tile):
+        assert_poisoned(run)
 
 
 def _valid():
@@ -133,7 +146,7 @@ def _valid():
 def test_bad_input_gives_one_line_error(arg, bad, exc, message):
     args = _valid()
     args[arg] = bad(args[arg])
-    raises_one_line(exc, message, lambda: am_step(**args))
+    raises_one_line(exc, message, lambda: am_step.am_step(**args, poison=True))
 
 
 def test_the_am_step_compiles_for_a_gpu_without_one():

@@ -1,10 +1,14 @@
-"""bench/: the targets and verdicts its report prints, from rows made up here (no timing runs)."""
+"""bench/: the targets and verdicts its report prints, from rows made up here (no timing runs), and
+that each provider runs the ops on its own backend."""
 import re
 
+import numpy as np
 import pytest
+import torch
 
 import bench.__main__ as cli
-from bench import report
+from bench import providers, report
+from kernel_testing import launches
 
 PAPER, AM = (64, 8, 768, 32, 32), (64, 14, 768, 32, 32)
 
@@ -70,3 +74,20 @@ def test_bad_options_end_with_one_line(capsys, argv, message):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
     assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+
+
+@pytest.mark.parametrize("op, provider, backward, kernels_run", [
+    ("masked_gap", "torch", False, False), ("masked_gap", "triton", False, True),
+    ("am_step", "torch", True, False), ("am_step", "triton_unfused", True, True), ("am_step", "triton", True, True)])
+def test_each_provider_runs_on_its_own_backend(op, provider, backward, kernels_run):
+    """The backend is bound to the provider's callable (the kernels run under the interpreter
+    here), and its forward agrees with the reference's."""
+    op = providers.OPS[op]
+    tensors = op.inputs((2, 3, 8, 3, 5), torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0),
+                        torch.contiguous_format)
+    with launches() as seen:
+        out = providers.function(op, provider, backward)(*tensors)
+    assert bool(seen) == kernels_run
+    want = op.forward["numpy"](*providers.as_numpy(tensors))
+    for got, ref in zip(out if isinstance(out, tuple) else (out,), want if isinstance(want, tuple) else (want,)):
+        np.testing.assert_allclose(got.detach().double().numpy(), ref, rtol=1e-4, atol=1e-5)

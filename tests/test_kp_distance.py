@@ -1,4 +1,4 @@
-"""kernels.kp_distance against reference.kp_layer_loss, eq. (4) with the squared norm.
+"""kernels.kp_distance.kp_distance against reference.kp_layer_loss, eq. (4) with the squared norm.
 
 Gradients are checked against float64 torch autograd of the same math; that expression's
 value is first checked against the reference itself.
@@ -8,12 +8,11 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
-from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, module, patched,
-                            poison_outputs, raises_one_line, same_layout, tensor)  # noqa: F401 (fixture)
+from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, grad64, patched,
+                            raises_one_line, same_layout, tensor)
 from kernels import kp_distance, launch
 from minimal_amkp import reference as R
 
-KP = module("kp_distance")
 SMALL = dict(MAX_BLOCK_HW=16, TILE=64)  # 4 rows x 16 pixels per program
 
 
@@ -44,8 +43,8 @@ def test_kp_distance_and_gradients_match_reference(n, k, h, w, maps, small, dtyp
     assert float(kp64(torch.tensor(a64), torch.tensor(b64))) == pytest.approx(R.kp_layer_loss(a64, b64),
                                                                               rel=1e-12, abs=1e-300)
     # The loss's rounding error is bounded by the same sum with |fa| and -|fb|: no cancellation.
-    with patched(KP, **(SMALL if small else {})):
-        loss = kp_distance(fa, fb)
+    with patched(kp_distance, **(SMALL if small else {})):
+        loss = kp_distance.kp_distance(fa, fb, poison=True)
         assert loss.shape == () and loss.dtype == torch.float32
         assert_close("loss", as64(loss), R.kp_layer_loss(a64, b64),
                      R.kp_layer_loss(abs(a64), -abs(b64)), torch.float32)
@@ -66,10 +65,21 @@ def test_kp_distance_and_gradients_match_reference(n, k, h, w, maps, small, dtyp
 def test_loss_is_bitwise_reproducible():
     rng = np.random.default_rng(0)
     fa, fb = (tensor(rng.normal(size=(3, 30, 5, 5)), torch.float32, True) for _ in range(2))
-    with patched(KP, **SMALL):
-        runs = [[kp_distance(fa, fb), *torch.autograd.grad(kp_distance(fa, fb), (fa, fb))] for _ in range(2)]
+    with patched(kp_distance, **SMALL):
+        runs = [[kp_distance.kp_distance(fa, fb, poison=True),
+                 *torch.autograd.grad(kp_distance.kp_distance(fa, fb, poison=True), (fa, fb))] for _ in range(2)]
     for x, y in zip(*runs):
         assert torch.equal(x, y)
+
+
+def test_poison_reaches_the_loss_and_both_gradients():
+    fa = tensor(np.ones((2, 5, 3, 3)), torch.float32, True, channels_last=True)
+    fb = tensor(np.ones((2, 5, 3, 3)), torch.float32, True)
+
+    def run():
+        loss = kp_distance.kp_distance(fa, fb, poison=True)
+        return dict(zip(("loss", "dfa", "dfb"), (loss, *torch.autograd.grad(loss, (fa, fb)))))
+    assert_poisoned(run)
 
 
 def _valid():
@@ -93,11 +103,11 @@ def _valid():
 def test_bad_input_gives_one_line_error(arg, bad, exc, message):
     args = _valid()
     args[arg] = bad(args[arg])
-    raises_one_line(exc, message, lambda: kp_distance(**args))
+    raises_one_line(exc, message, lambda: kp_distance.kp_distance(**args, poison=True))
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(launch, "INTERPRET", False)
     args = {k: v.cpu() for k, v in _valid().items()}
     raises_one_line(ValueError, r"^fa is on cpu; Triton kernels need CUDA tensors",
-                    lambda: kp_distance(**args))
+                    lambda: kp_distance.kp_distance(**args, poison=True))

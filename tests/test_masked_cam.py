@@ -1,4 +1,4 @@
-"""kernels.masked_cam_logits against reference.cam (eq. 7) and reference.branch_logits (eq. 2).
+"""kernels.masked_cam.masked_cam_logits against reference.cam (eq. 7) and reference.branch_logits (eq. 2).
 
 Gradients are checked against float64 torch autograd of the same math, written as one einsum;
 that expression's values are first checked against the reference itself.
@@ -12,14 +12,13 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, masks, module,
-                            launches, patched, poison_outputs, raises_one_line, same_layout,
-                            tensor, tiles)  # noqa: F401 (fixture)
-from kernels import launch, masked_cam_logits
+from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, grad64, masks,
+                            launches, patched, raises_one_line, same_layout, tensor, tiles)
+from kernels import launch, masked_cam
 from minimal_amkp import reference as R
 
-MC = module("masked_cam")
-KERNELS = (MC._cam_fwd_kernel, MC._cam_bwd_kernel, MC._combine_kernel, MC._dw_kernel)
+KERNELS = (masked_cam._cam_fwd_kernel, masked_cam._cam_bwd_kernel, masked_cam._combine_kernel,
+           masked_cam._dw_kernel)
 TILINGS = {"default": {}, "small": dict(BLOCK_D=16, BLOCK_HW=16),
            "split": dict(BLOCK_D=16, BLOCK_HW=16, SPLIT=3)}  # D in 3 chunks + the combine kernel
 
@@ -27,7 +26,7 @@ TILINGS = {"default": {}, "small": dict(BLOCK_D=16, BLOCK_HW=16),
 @contextlib.contextmanager
 def tiling(name):
     meta = dict(TILINGS[name])
-    with patched(MC, SPLIT=meta.pop("SPLIT", None)), tiles(*KERNELS, **meta):
+    with patched(masked_cam, SPLIT=meta.pop("SPLIT", None)), tiles(*KERNELS, **meta):
         yield
 
 
@@ -69,7 +68,7 @@ def test_cam_logits_and_gradients_match_reference(n, d, h, w, c, mask, tile, dty
     np.testing.assert_allclose(z64.numpy(), R.branch_logits(x64, m64, w64, b64), rtol=1e-12, atol=1e-12)
 
     with tiling(tile):
-        cam, logits = masked_cam_logits(x, m, wc, b, write_cam=outputs != "no_cam")
+        cam, logits = masked_cam.masked_cam_logits(x, m, wc, b, write_cam=outputs != "no_cam", poison=True)
         assert logits.dtype == torch.float32 and logits.shape == (n, c)
         if outputs == "no_cam":
             assert cam is None
@@ -112,7 +111,7 @@ def test_results_are_bitwise_reproducible():
     with tiling("split"):
         runs = []
         for _ in range(2):
-            cam, z = masked_cam_logits(x, m, w, b)
+            cam, z = masked_cam.masked_cam_logits(x, m, w, b, poison=True)
             runs.append([cam, z, *torch.autograd.grad((cam.sum(), z.sum()), (x, w, b))])
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
@@ -125,11 +124,28 @@ def test_channels_last_x_is_read_in_place_and_dx_keeps_its_layout():
     m = tensor(masks(rng, "random", (2, 3, 5, 7)), torch.float32)
     w, b = tensor(rng.normal(size=(3, 20)), torch.float32), tensor(rng.normal(size=3), torch.float32)
     with launches() as seen:
-        _, z = masked_cam_logits(x, m, w, b, write_cam=False)
+        _, z = masked_cam.masked_cam_logits(x, m, w, b, write_cam=False, poison=True)
     kernel, args = seen[0]
-    assert kernel is MC._cam_fwd_kernel and args[0].data_ptr() == x.data_ptr() and args[0].stride() == x.stride()
+    assert kernel is masked_cam._cam_fwd_kernel
+    assert args[0].data_ptr() == x.data_ptr() and args[0].stride() == x.stride()
     (dx,) = torch.autograd.grad(z.sum(), x)
     same_layout("dx", dx, x)
+
+
+@pytest.mark.parametrize("tile, write_cam", [("default", True), ("default", False), ("split", True)])
+def test_poison_reaches_every_output_and_gradient(tile, write_cam):
+    """dw from x (the CAM has a gradient) or from the forward's P partials (logits alone)."""
+    x = tensor(np.ones((2, 20, 5, 7)), torch.float32, True, channels_last=True)
+    m = tensor(np.ones((2, 3, 5, 7)), torch.float32)
+    w, b = tensor(np.ones((3, 20)), torch.float32, True), tensor(np.ones(3), torch.float32, True)
+
+    def run():
+        cam, z = masked_cam.masked_cam_logits(x, m, w, b, write_cam=write_cam, poison=True)
+        outs = {"logits": z} | ({"cam": cam} if write_cam else {})
+        grads = torch.autograd.grad(list(outs.values()), (x, w, b), [torch.ones_like(t) for t in outs.values()])
+        return outs | dict(zip(("dx", "dw", "db"), grads))
+    with tiling(tile):
+        assert_poisoned(run)
 
 
 def _valid():
@@ -157,7 +173,7 @@ def _valid():
 def test_bad_input_gives_one_line_error(arg, bad, exc, message):
     args = _valid()
     args[arg] = bad(args[arg])
-    raises_one_line(exc, message, lambda: masked_cam_logits(**args))
+    raises_one_line(exc, message, lambda: masked_cam.masked_cam_logits(**args, poison=True))
 
 
 def test_too_many_classes_is_refused():
@@ -165,21 +181,22 @@ def test_too_many_classes_is_refused():
     args.update(m=torch.zeros(2, 129, 3, 5, device=DEVICE), w=torch.zeros(129, 4, device=DEVICE),
                 b=torch.zeros(129, device=DEVICE))
     raises_one_line(ValueError, r"^m has C = 129 classes; the kernel supports at most 128$",
-                    lambda: masked_cam_logits(**args))
+                    lambda: masked_cam.masked_cam_logits(**args, poison=True))
 
 
 def test_cpu_tensors_without_interpreter_and_missing_triton_are_explained(monkeypatch):
     args = {k: v.cpu() for k, v in _valid().items()}
     monkeypatch.setattr(launch, "INTERPRET", False)
     raises_one_line(ValueError, r"^x is on cpu; Triton kernels need CUDA tensors \(or TRITON_INTERPRET=1",
-                    lambda: masked_cam_logits(**args))
+                    lambda: masked_cam.masked_cam_logits(**args, poison=True))
     monkeypatch.setattr(launch, "triton", None)
-    raises_one_line(RuntimeError, r"^kernels need Triton", lambda: masked_cam_logits(**args))
+    raises_one_line(RuntimeError, r"^kernels need Triton",
+                    lambda: masked_cam.masked_cam_logits(**args, poison=True))
 
 
 def test_import_works_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import kernels, torch; z = torch.zeros\n"
-            "try:\n    kernels.masked_gap(z(1, 1, 1, 1), z(1, 1, 1, 1))\n"
+            "try:\n    kernels.masked_gap.masked_gap(z(1, 1, 1, 1), z(1, 1, 1, 1))\n"
             "except RuntimeError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("kernels need Triton"), out.stdout + out.stderr

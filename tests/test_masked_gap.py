@@ -1,4 +1,4 @@
-"""kernels.masked_gap against reference.gap(reference.erase(x, m)), g(X̂_c) of eq. (1)-(2).
+"""kernels.masked_gap.masked_gap against reference.gap(reference.erase(x, m)), g(X̂_c) of eq. (1)-(2).
 
 Gradients are checked against float64 torch autograd of the same math, written as one einsum;
 that expression's values are first checked against the reference itself.
@@ -8,13 +8,10 @@ import pytest
 import torch
 from hypothesis import example, given, strategies as st
 
-from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, grad64, masks, module,
-                            poison_outputs, raises_one_line, same_layout, tensor,
-                            tiles)  # noqa: F401 (fixture)
+from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, grad64, masks,
+                            raises_one_line, same_layout, tensor, tiles)
 from kernels import launch, masked_gap
 from minimal_amkp import reference as R
-
-MG = module("masked_gap")
 
 
 def gap64(m):
@@ -41,8 +38,9 @@ def test_masked_gap_and_gradient_match_reference(n, d, h, w, c, mask, small, dty
     f = gap64(torch.tensor(m64))
     np.testing.assert_allclose(f(torch.tensor(x64)).numpy(), R.gap(R.erase(x64, m64)), rtol=1e-12, atol=1e-12)
 
-    with tiles(MG._gap_fwd_kernel, MG._gap_bwd_kernel, **(dict(BLOCK_D=16, BLOCK_HW=16) if small else {})):
-        p = masked_gap(x, m)
+    with tiles(masked_gap._gap_fwd_kernel, masked_gap._gap_bwd_kernel,
+               **(dict(BLOCK_D=16, BLOCK_HW=16) if small else {})):
+        p = masked_gap.masked_gap(x, m, poison=True)
         assert p.dtype == dtype and p.shape == (n, c, d)
         assert_close("P", as64(p), R.gap(R.erase(x64, m64)), R.gap(R.erase(abs(x64), m64)), dtype)
         if not grad:
@@ -61,9 +59,19 @@ def test_non_contiguous_upstream_gradient_is_accepted():
     x = tensor(rng.normal(size=(2, 5, 3, 3)), torch.float32, True)
     m = tensor(masks(rng, "random", (2, 4, 3, 3)), torch.float32)
     dp = tensor(rng.normal(size=(2, 5, 4)), torch.float32).transpose(1, 2)  # (2, 4, 5), strided
-    (dx,) = torch.autograd.grad(masked_gap(x, m), x, dp)
-    (dx_dense,) = torch.autograd.grad(masked_gap(x, m), x, dp.contiguous())
+    (dx,) = torch.autograd.grad(masked_gap.masked_gap(x, m, poison=True), x, dp)
+    (dx_dense,) = torch.autograd.grad(masked_gap.masked_gap(x, m, poison=True), x, dp.contiguous())
     assert torch.equal(dx, dx_dense)
+
+
+def test_poison_reaches_p_and_dx():
+    x = tensor(np.ones((2, 5, 3, 3)), torch.float32, True, channels_last=True)
+    m = tensor(np.ones((2, 4, 3, 3)), torch.float32)
+
+    def run():
+        p = masked_gap.masked_gap(x, m, poison=True)
+        return {"P": p, "dx": torch.autograd.grad(p, x, torch.ones_like(p))[0]}
+    assert_poisoned(run)
 
 
 def _valid():
@@ -86,10 +94,11 @@ def _valid():
 def test_bad_input_gives_one_line_error(arg, bad, exc, message):
     args = _valid()
     args[arg] = bad(args[arg])
-    raises_one_line(exc, message, lambda: masked_gap(**args))
+    raises_one_line(exc, message, lambda: masked_gap.masked_gap(**args, poison=True))
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(launch, "INTERPRET", False)
     args = {k: v.cpu() for k, v in _valid().items()}
-    raises_one_line(ValueError, r"^x is on cpu; Triton kernels need CUDA tensors", lambda: masked_gap(**args))
+    raises_one_line(ValueError, r"^x is on cpu; Triton kernels need CUDA tensors",
+                    lambda: masked_gap.masked_gap(**args, poison=True))

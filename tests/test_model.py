@@ -1,8 +1,9 @@
-"""ResNet-MSA: torchvision's resnet50 layout, MSA shapes, the branches of eq. (2), --init."""
+"""ResNet-MSA: torchvision's resnet50 layout, MSA shapes, the branches of eq. (2), its backend, --init."""
 import numpy as np
 import pytest
 import torch
 
+from minimal_amkp import ops
 from minimal_amkp import reference as R
 from minimal_amkp.config import ModelConfig, RunError
 from minimal_amkp.model import ResNetMSA, load_init, map_size
@@ -98,6 +99,32 @@ def test_branches_are_eq2_and_cam_is_eq7_on_x():
     np.testing.assert_allclose(cam, R.cam(x, m[:, :8].numpy(), w[:8]), atol=1e-10)
     with pytest.raises(ValueError, match=r"m must be \(N, C, h, w\) = \(3, 14, 4, 4\) .* got \(3, 14, 2, 2\)"):
         model(image, torch.ones(3, 14, 2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_backend_given_to_the_model_reaches_every_op_it_calls(monkeypatch, backend):
+    calls = []
+
+    def spy(name, real):
+        def op(*args, **kwargs):
+            calls.append((name, kwargs.get("backend")))
+            return real(*args, **kwargs)
+        return op
+
+    for name in ("branch_logits", "am_step", "cam"):
+        monkeypatch.setattr(ops, name, spy(name, getattr(ops, name)))
+    assert ResNetMSA(ModelConfig(**TINY)).backend == "auto"
+    torch.manual_seed(0)
+    model = ResNetMSA(ModelConfig(**TINY), backend=backend).eval()
+    image, m = torch.rand(2, 1, 64, 64), torch.ones(2, 14, 4, 4)
+    with torch.no_grad():
+        model(image)
+        x = model(image, m).x
+        model(image, m, (x[1:], 1))
+        model.cam(image, m[:, :8], 8)
+    # The torch forms call each other too (am_step is branch_logits and the KP term), on torch.
+    assert {name for name, _ in calls} == {"branch_logits", "am_step", "cam"}
+    assert {used for _, used in calls} == {backend}
 
 
 def test_init_loads_a_torchvision_layout_state_dict(tmp_path):

@@ -1,4 +1,4 @@
-"""The torch op layer against the NumPy reference, forward and backward, and its backend switch.
+"""The torch op layer against the NumPy reference, forward and backward, and its backend choice.
 
 Forward: ops on float64 tensors vs the reference on the same arrays, |got − want| <= 1e-9
 (+ 1e-9 relative): only the summation order differs. Gradients: torch autograd vs central
@@ -6,11 +6,17 @@ finite differences of the *reference* (step 1e-6, float64), contracted with a ra
 gradient so that one scalar function covers every output element; the ops are linear or
 quadratic in their inputs (BCE is smooth), so the difference quotient is accurate to ~1e-8
 and we allow 1e-6. The Triton backend (interpreter on CPU) runs in float32: 1e-4 relative.
-A training step on the Triton backend in channels-last is checked to hand the kernels the
-model's own activations (data pointers and strides) and to get dX back as the kernel wrote it.
+The ops without a gradient (update_masks, fuse_heatmaps) must equal the reference exactly.
+The ops run on their default backend, "auto", which is torch for these CPU tensors; the
+Triton tests pass backend="triton". A training step on the Triton backend in channels-last is
+checked to hand the kernels the model's own activations (data pointers and strides) and to get
+dX back as the kernel wrote it.
 """
+import functools
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,14 +29,8 @@ from minimal_amkp import reference as R
 SHAPES = settings(max_examples=25, deadline=None, derandomize=True)
 # The Triton backend runs on CUDA tensors, or on CPU ones under the interpreter (conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def torch_backend():
-    """The reference comparisons run the torch ops; tests of the Triton path set it themselves."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AMKP_BACKEND", "torch")
-        yield
+KP_LOSS = ops.kp_loss
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def close(name, got, want, atol, rtol=0.0):
@@ -115,6 +115,8 @@ def test_branch_logits_and_cam_match_reference(n, c, d, h, w, mask, constant, se
     check_op("branch_logits(m=None)", lambda x, w, b: ops.branch_logits(x, None, w, b),
              lambda x, w, b: R.branch_logits(x, ones, w, b), [x, wc, b], rng)
     check_op("gap", ops.gap, R.gap, [x], rng)
+    check_op("erase", lambda x: ops.erase(x, mt), lambda x: R.erase(x, m), [x], rng)
+    check_op("masked_gap", lambda x: ops.masked_gap(x, mt), lambda x: R.gap(R.erase(x, m)), [x], rng)
 
 
 @SHAPES
@@ -168,14 +170,120 @@ def test_kp_layer_loss_rejects_mismatched_layers():
     assert float(ops.kp_loss([], [torch.tensor(2.0), torch.tensor(4.0)])) == 3.0
 
 
-def test_backend_switch(monkeypatch):
-    t = torch.zeros(1)
-    assert ops.backend(t) == "torch"
-    monkeypatch.delenv("AMKP_BACKEND")
-    assert ops.backend(t) == "torch"                         # auto on CPU tensors
+def heatmaps(rng, kind, shape):
+    """CAMs: normal; "ties": few distinct values, so which maximum comes first matters; constant."""
+    return {"normal": lambda: rng.normal(size=shape),
+            "ties": lambda: rng.integers(-2, 3, size=shape).astype(np.float64),
+            "constant": lambda: np.full(shape, 0.5)}[kind]()
+
+
+def live_cells(rng, kind, shape):
+    """Masks M_{t-1}: "dense" ones leave long, winding components to grow through."""
+    return {"random": lambda: (rng.random(shape) < 0.6).astype(np.float64),
+            "dense": lambda: (rng.random(shape) < 0.9).astype(np.float64),
+            "zeros": lambda: np.zeros(shape), "ones": lambda: np.ones(shape)}[kind]()
+
+
+ODD = st.sampled_from([1, 2, 3, 5, 7, 13])
+
+
+@settings(SHAPES, max_examples=80)
+@given(n=st.integers(1, 3), c=st.integers(1, 4), h=ODD, w=ODD, cam=st.sampled_from(["normal", "ties", "constant"]),
+       mask=st.sampled_from(["random", "dense", "zeros", "ones"]), threshold=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+       seed=st.integers(0, 2**32 - 1))
+@example(n=1, c=1, h=1, w=1, cam="normal", mask="ones", threshold=0.5, seed=0)
+@example(n=2, c=3, h=13, w=7, cam="ties", mask="dense", threshold=0.0, seed=1)
+def test_update_masks_equals_reference(n, c, h, w, cam, mask, threshold, seed):
+    rng = np.random.default_rng(seed)
+    hm, m = heatmaps(rng, cam, (n, c, h, w)), live_cells(rng, mask, (n, c, h, w))
+    got = ops.update_masks(torch.tensor(hm, requires_grad=True), torch.tensor(m), threshold)
+    assert got.dtype == torch.float64 and not got.requires_grad
+    np.testing.assert_array_equal(got.numpy(), R.update_masks(hm, m, threshold))
+    # As mining keeps them: float32 CAMs, uint8 masks (the result keeps the masks' dtype).
+    got = ops.update_masks(torch.tensor(hm, dtype=torch.float32), torch.tensor(m, dtype=torch.uint8), threshold)
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), R.update_masks(hm.astype(np.float32), m, threshold))
+
+
+def test_update_masks_grows_the_peaks_component_to_its_far_end():
+    """P is the peak; # cells join it through 22 steps, one of them diagonal; o is binarised but
+    apart. The whole winding component is erased, o is kept."""
+    rows = ["P#####.", "......#", "o.###.#", "..#.#.#", "..#.###", "..#....", "..###.."]
+    hm = np.array([[{"P": 2.0, "#": 1.0, "o": 1.0, ".": 0.0}[ch] for ch in row] for row in rows])
+    want = np.array([[0.0 if ch in "P#" else 1.0 for ch in row] for row in rows])
+    np.testing.assert_array_equal(R.update_masks(hm, np.ones_like(hm)), want)
+    got = ops.update_masks(torch.tensor(hm), torch.ones(7, 7, dtype=torch.float64))
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@settings(SHAPES, max_examples=50)
+@given(t=st.integers(1, 4), n=st.integers(1, 2), c=st.integers(1, 3), h=ODD, w=ODD,
+       cam=st.sampled_from(["normal", "ties", "constant"]), mask=st.sampled_from(["random", "zeros", "ones"]),
+       seed=st.integers(0, 2**32 - 1))
+@example(t=1, n=1, c=1, h=1, w=1, cam="normal", mask="ones", seed=0)
+def test_fuse_heatmaps_equals_reference(t, n, c, h, w, cam, mask, seed):
+    rng = np.random.default_rng(seed)
+    shape = (n, c, h, w)
+    cams = [heatmaps(rng, cam, shape) for _ in range(t)]
+    ms = [np.ones(shape)]
+    for _ in range(t - 1):                          # nested: a round only erases more
+        ms.append(ms[-1] * live_cells(rng, mask, shape))
+    want = R.fuse_heatmaps(cams, ms)
+    got = ops.fuse_heatmaps([torch.tensor(a, requires_grad=True) for a in cams], [torch.tensor(k) for k in ms])
+    assert got.dtype == torch.float64 and not got.requires_grad
+    np.testing.assert_array_equal(got.numpy(), want)
+    got = ops.fuse_heatmaps([torch.tensor(a) for a in cams], [torch.tensor(k, dtype=torch.uint8) for k in ms])
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_mask_update_and_fusion_refuse_bad_input_in_one_line():
+    z, one = torch.zeros(2, 3), torch.ones(2, 3)
+    raises_one_line(ValueError, r"^threshold must lie in \[0, 1\], got 1.5$",
+                    lambda: ops.update_masks(z, one, 1.5))
+    raises_one_line(ValueError, r"^h and m must have one shape \(\.\.\., H, W\), got \(2, 3\) and \(3, 2\)$",
+                    lambda: ops.update_masks(z, one.T))
+    raises_one_line(ValueError, r"^cams and masks must be non-empty lists of equal length, got 1 and 2$",
+                    lambda: ops.fuse_heatmaps([z], [one, one]))
+    raises_one_line(ValueError, r"^cams\[0\] and masks\[1\] must have the same shape, got \(2, 3\) and \(3, 2\)$",
+                    lambda: ops.fuse_heatmaps([z, z], [one, one.T]))
+    raises_one_line(ValueError, r"^masks\[0\] must be all ones: it is M_0, the mask of the first round$",
+                    lambda: ops.fuse_heatmaps([z, z], [z, z]))
+
+
+def test_the_backend_is_chosen_once_from_the_option_or_the_environment(monkeypatch):
+    monkeypatch.delenv("AMKP_BACKEND", raising=False)
+    assert ops.choose_backend() == "auto"
+    monkeypatch.setenv("AMKP_BACKEND", "torch")
+    assert ops.choose_backend() == "torch"
+    assert ops.choose_backend("auto") == "auto"                 # the option wins over the variable
     monkeypatch.setenv("AMKP_BACKEND", "cuda")
-    with pytest.raises(ValueError, match=r"AMKP_BACKEND must be one of auto, torch, triton; got 'cuda'"):
-        ops.backend(t)
+    raises_one_line(ValueError, r"^AMKP_BACKEND must be one of auto, torch, triton; got 'cuda'$",
+                    ops.choose_backend)
+    raises_one_line(ValueError, r"^--backend must be one of auto, torch, triton; got 'fast'$",
+                    lambda: ops.choose_backend("fast"))
+    t = torch.zeros(1, 1, 1, 1)
+    assert ops.cam(t, t, torch.zeros(1, 1)).shape == (1, 1, 1, 1)      # ops never read the variable
+    raises_one_line(ValueError, r"^backend must be one of auto, torch, triton; got 'fast'$",
+                    lambda: ops.cam(t, t, torch.zeros(1, 1), backend="fast"))
+
+
+def test_auto_runs_the_kernels_only_on_cuda_tensors():
+    require_kernels()
+    from kernel_testing import launches
+
+    x, m, w = torch.rand(2, 5, 3, 3), torch.ones(2, 4, 3, 3), torch.rand(4, 5)
+    on_device = [t.to(DEVICE) for t in (x, m, w)]
+    for backend, args, kernels_run in (("torch", on_device, False), ("auto", on_device, DEVICE == "cuda"),
+                                       ("auto", (x, m, w), False), ("triton", on_device, True)):
+        with launches() as seen:
+            ops.cam(*args, backend=backend)
+        assert bool(seen) == kernels_run, (backend, args[0].device)
+
+
+def raises_one_line(exc, match, call):
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert "\n" not in str(info.value), f"message spans lines: {info.value}"
 
 
 def require_kernels(monkeypatch=None):
@@ -188,57 +296,74 @@ def require_kernels(monkeypatch=None):
 @pytest.mark.parametrize("mask, channels_last", [("random", False), ("zeros", False), ("random", True)])
 def test_triton_backend_matches_reference(monkeypatch, mask, channels_last):
     require_kernels(monkeypatch)
-    monkeypatch.setenv("AMKP_BACKEND", "triton")
+    on = dict(backend="triton")
     rng = np.random.default_rng(3)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, m = rng.normal(size=(2, 19, 3, 5)), masks(rng, mask, (2, 14, 3, 5))
     wc, b = rng.normal(size=(14, 19)), rng.normal(size=14)
     xt, mt, wt, bt = (torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (x, m, wc, b))
     xt = xt.to(memory_format=fmt)
-    close("triton branch_logits", ops.branch_logits(xt, mt, wt, bt), R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
-    close("triton cam", ops.cam(xt, mt, wt), R.cam(x, m, wc), 1e-4, 1e-4)
+    close("triton branch_logits", ops.branch_logits(xt, mt, wt, bt, **on), R.branch_logits(x, m, wc, b),
+          1e-4, 1e-4)
+    close("triton cam", ops.cam(xt, mt, wt, **on), R.cam(x, m, wc), 1e-4, 1e-4)
     fa, fb = rng.normal(size=(3, 7, 4, 4)), rng.normal(size=(3, 7, 4, 4))
     fat, fbt = (torch.tensor(a, dtype=torch.float32, device=DEVICE) for a in (fa, fb))
-    close("triton kp_layer_loss", ops.kp_layer_loss(fat.to(memory_format=fmt), fbt), R.kp_layer_loss(fa, fb),
+    close("triton kp_layer_loss", ops.kp_layer_loss(fat.to(memory_format=fmt), fbt, **on), R.kp_layer_loss(fa, fb),
           1e-4, 1e-4)
+    close("triton kp_loss", ops.kp_loss([(fat, fbt)], **on), R.kp_loss([(fa, fb)]), 1e-4, 1e-4)
     xa = rng.normal(size=(1, 19, 3, 5))
-    logits, l_kp = ops.am_step(xt, mt, wt, bt, torch.tensor(xa, dtype=torch.float32, device=DEVICE), 1)
+    logits, l_kp = ops.am_step(xt, mt, wt, bt, torch.tensor(xa, dtype=torch.float32, device=DEVICE), 1, **on)
     close("triton am_step logits", logits, R.branch_logits(x, m, wc, b), 1e-4, 1e-4)
     close("triton am_step l_kp", l_kp, R.kp_layer_loss(xa, x[1:]), 1e-4, 1e-4)
+    xg = xt.detach().requires_grad_()
+    p = ops.masked_gap(xg, mt, **on)
+    close("triton masked_gap", p, R.gap(R.erase(x, m)), 1e-4, 1e-4)
+    dp = rng.normal(size=p.shape)
+    (dx,) = torch.autograd.grad(p, xg, torch.tensor(dp, dtype=torch.float32, device=DEVICE))
+    _, (want,) = autograd(lambda x: ops.masked_gap(x, torch.tensor(m)), [x], dp)
+    close("triton masked_gap dx", dx, want.numpy(), 1e-4, 1e-4)
     # A layout no single stride walks is copied by ops, not refused.
     odd = torch.tensor(x, dtype=torch.float32, device=DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
-    close("triton cam (odd layout)", ops.cam(odd, mt, wt), R.cam(x, m, wc), 1e-4, 1e-4)
+    close("triton cam (odd layout)", ops.cam(odd, mt, wt, **on), R.cam(x, m, wc), 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_both_backends_return_the_same_dtypes(monkeypatch, name):
-    """bf16 features: CAMs stay bf16, logits and losses are float32, on either backend."""
+    """bf16 features: CAMs and pooled maps stay bf16, logits and losses are float32, on either backend."""
     require_kernels(monkeypatch)
-    monkeypatch.setenv("AMKP_BACKEND", name)
+    on = dict(backend=name)
     x, m = torch.rand(2, 5, 3, 3, dtype=torch.bfloat16, device=DEVICE), torch.ones(2, 4, 3, 3, device=DEVICE)
     w, b = torch.rand(4, 5, device=DEVICE), torch.rand(4, device=DEVICE)
-    assert ops.cam(x, m, w).dtype == torch.bfloat16
-    assert ops.branch_logits(x, m, w, b).dtype == torch.float32
-    assert ops.branch_logits(x, None, w, b).dtype == torch.float32
-    assert ops.kp_layer_loss(x, x * 2).dtype == torch.float32
-    assert [t.dtype for t in ops.am_step(x, m, w, b, x[1:], 1)] == [torch.float32, torch.float32]
+    assert ops.cam(x, m, w, **on).dtype == torch.bfloat16
+    assert ops.masked_gap(x, m, **on).dtype == torch.bfloat16
+    assert ops.branch_logits(x, m, w, b, **on).dtype == torch.float32
+    assert ops.branch_logits(x, None, w, b, **on).dtype == torch.float32
+    assert ops.kp_layer_loss(x, x * 2, **on).dtype == torch.float32
+    assert [t.dtype for t in ops.am_step(x, m, w, b, x[1:], 1, **on)] == [torch.float32, torch.float32]
 
 
 def test_a_broken_or_old_triton_falls_back_to_torch(tmp_path):
     """A Triton without what the kernels use (here: no triton.Config, no knobs) raises AttributeError
-    while kernels/ imports; ops catches it: auto picks torch, AMKP_BACKEND=triton names the reason."""
+    while kernels/ imports; ops catches it: auto runs torch, and choosing triton names the reason."""
     fake = tmp_path / "triton"
     (fake / "language").mkdir(parents=True)
     (fake / "language" / "__init__.py").write_text("")
     (fake / "__init__.py").write_text("__version__ = '3.2.0'\n")
-    code = ("import os, torch\nfrom minimal_amkp import ops\nprint(ops.backend(torch.zeros(1)))\n"
-            "os.environ['AMKP_BACKEND'] = 'triton'\ntry:\n    ops.backend(torch.zeros(1))\n"
-            "except RuntimeError as e:\n    print(e)")
-    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin", "AMKP_BACKEND": "auto"}
+    code = ("import os, torch\nfrom minimal_amkp import ops\nt = torch.ones(1, 1, 1, 1)\n"
+            "print(ops.choose_backend(), ops.cam(t, t, torch.ones(1, 1)).item())\n"
+            "os.environ['AMKP_BACKEND'] = 'triton'\n"
+            "for choose in (ops.choose_backend, lambda: ops.choose_backend('triton'),\n"
+            "               lambda: ops.cam(t, t, torch.ones(1, 1), backend='triton')):\n"
+            "    try:\n        choose()\n    except RuntimeError as e:\n        print(e)")
+    # The fake shadows the real triton; this checkout's sources come next, before any installed copy.
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PATH": "/usr/bin:/bin",
+           "AMKP_BACKEND": "auto"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    why = ("but the kernels package or Triton cannot be imported "
+           "(AttributeError: module 'triton' has no attribute 'Config')")
     assert out.returncode == 0 and out.stdout.splitlines() == [
-        "torch", "AMKP_BACKEND=triton, but the kernels package or Triton cannot be imported "
-        "(AttributeError: module 'triton' has no attribute 'Config')"], out.stdout + out.stderr
+        "auto 1.0", f"AMKP_BACKEND=triton, {why}", f"--backend=triton, {why}", f"backend=triton, {why}"], \
+        out.stdout + out.stderr
 
 
 def test_an_old_triton_is_named_and_the_interpreter_flag_is_read_without_knobs(monkeypatch):
@@ -252,6 +377,13 @@ def test_an_old_triton_is_named_and_the_interpreter_flag_is_read_without_knobs(m
     assert launch._interpreting() is True
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert launch._interpreting() is False
+
+
+def on_backend(monkeypatch, model, model_a, name):
+    """N_B and N_A on one backend. mine.am_loss calls ops.kp_loss without one until it passes
+    model_a.backend; till then its layer pairs get it here."""
+    model.backend = model_a.backend = name
+    monkeypatch.setattr(ops, "kp_loss", functools.partial(KP_LOSS, backend=name))
 
 
 def micro_step(channels_last=False):
@@ -283,7 +415,7 @@ def test_one_training_step_is_the_same_on_both_backends(monkeypatch, channels_la
     model, model_a, x, y, m = micro_step(channels_last)
     results = {}
     for name in ("torch", "triton"):
-        monkeypatch.setenv("AMKP_BACKEND", name)
+        on_backend(monkeypatch, model, model_a, name)
         model.zero_grad()
         loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
         loss.backward()
@@ -296,15 +428,15 @@ def test_one_training_step_is_the_same_on_both_backends(monkeypatch, channels_la
 
 
 def test_channels_last_training_step_makes_no_layout_copy(monkeypatch):
-    """AMKP_BACKEND=triton, channels-last: every feature map a kernel reads or writes is the
+    """The Triton backend, channels-last: every feature map a kernel reads or writes is the
     model's own (same data pointer and strides) or a channels-last gradient, and the gradient
     that reaches X is the one buffer the dX kernel wrote (no second dX, no sum)."""
     require_kernels()
     from kernels import launch
     from minimal_amkp.mine import am_loss
 
-    monkeypatch.setenv("AMKP_BACKEND", "triton")
     model, model_a, x, y, m = micro_step(channels_last=True)
+    on_backend(monkeypatch, model, model_a, "triton")
     acts, grads = {}, []
 
     def keep(name):
