@@ -71,6 +71,7 @@ class RunConfig:
     out: str = "runs/default"
     seed: int = 0
     device: str = "auto"                   # auto | cpu | cuda
+    backend: str = "auto"                  # ops: auto | torch | triton (the CLI's default: $AMKP_BACKEND)
     init: str = ""                         # torchvision ResNet-50 state dict (fc.* ignored)
     skip_bad_images: bool = False
     report_extras: bool = True             # MaxBoxAccV2 and figures; off saves ~1 min a run at 256 px

@@ -111,7 +111,7 @@ def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
     layers = [(a.penultimate, out.penultimate), (a.logits, out.logits)]
     if model_a.msa is not None:              # without MSA, X is X_k and l_kp_x is its term
         layers.insert(1, (a.last, out.last))
-    l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers], [l_kp_x])
+    l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers], [l_kp_x], backend=model_a.backend)
     return ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp
 
 

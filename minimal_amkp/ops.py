@@ -68,10 +68,6 @@ def choose_backend(name=None):
     return _checked(name, "--backend")
 
 
-# run/cli.py checks AMKP_BACKEND up front under this name; it goes once the CLI calls choose_backend.
-backend = choose_backend
-
-
 def _on_triton(backend, *tensors):
     """Whether an op on these tensors runs the kernels, on this backend."""
     if _checked(backend, "backend") == "auto":

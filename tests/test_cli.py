@@ -109,6 +109,18 @@ def test_a_bad_backend_variable_is_a_command_line_error(capsys, monkeypatch):
     monkeypatch.setenv("AMKP_BACKEND", "fast")
     assert main([]) == 2
     assert "AMKP_BACKEND must be one of auto, torch, triton; got 'fast'" in error_line(capsys)
+    monkeypatch.delenv("AMKP_BACKEND")
+    assert main(["--backend", "fast"]) == 2
+    assert "--backend must be one of auto, torch, triton; got 'fast'" in error_line(capsys)
+
+
+def test_the_backend_is_read_once_the_option_winning_over_the_variable(monkeypatch):
+    from minimal_amkp.run.cli import parse
+    monkeypatch.delenv("AMKP_BACKEND", raising=False)
+    assert parse([])[0].run.backend == "auto"
+    monkeypatch.setenv("AMKP_BACKEND", "torch")
+    assert parse([])[0].run.backend == "torch"
+    assert parse(["--backend", "auto"])[0].run.backend == "auto"
 
 
 def test_the_real_entry_point_prints_one_line(tmp_path):

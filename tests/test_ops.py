@@ -12,7 +12,6 @@ Triton tests pass backend="triton". A training step on the Triton backend in cha
 checked to hand the kernels the model's own activations (data pointers and strides) and to get
 dX back as the kernel wrote it.
 """
-import functools
 import os
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from minimal_amkp import reference as R
 SHAPES = settings(max_examples=25, deadline=None, derandomize=True)
 # The Triton backend runs on CUDA tensors, or on CPU ones under the interpreter (conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KP_LOSS = ops.kp_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -380,10 +378,8 @@ def test_an_old_triton_is_named_and_the_interpreter_flag_is_read_without_knobs(m
 
 
 def on_backend(monkeypatch, model, model_a, name):
-    """N_B and N_A on one backend. mine.am_loss calls ops.kp_loss without one until it passes
-    model_a.backend; till then its layer pairs get it here."""
+    """N_B and N_A on one backend (mine.am_loss passes model_a.backend to its KP layer pairs)."""
     model.backend = model_a.backend = name
-    monkeypatch.setattr(ops, "kp_loss", functools.partial(KP_LOSS, backend=name))
 
 
 def micro_step(channels_last=False):

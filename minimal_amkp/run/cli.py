@@ -1,7 +1,8 @@
 """`python -m minimal_amkp`: options, the output folder, the data, then the whole job.
 
     python -m minimal_amkp [--preset tiny|paper] [--data DIR] [--out DIR] [--seed K]
-        [--device auto|cpu|cuda] [--init PATH] [--skip-bad-images] [--resume] [--overwrite]
+        [--device auto|cpu|cuda] [--backend auto|torch|triton] [--init PATH] [--skip-bad-images]
+        [--resume] [--overwrite]
         [--SECTION.FIELD VALUE ...]            e.g. --train.lr 0.01 --mine.kp vanilla
 
 Run options are flat; every hyper-parameter is `--section.field` (config.py lists them; dashes
@@ -61,7 +62,8 @@ def parse(argv):
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     try:
-        ops.backend()                            # AMKP_BACKEND is read per op: check it up front
+        # The one read of AMKP_BACKEND: the option's default; the model gets the name (job.py).
+        ns["run.backend"] = ops.choose_backend(ns.get("run.backend"))
         distributed.timeout()
         restarts()
     except (ValueError, RuntimeError, RunError) as e:

@@ -29,7 +29,7 @@ from minimal_amkp.run.atomic import atomic_open, atomic_write_text
 from minimal_amkp.run.progress import Progress, say
 from minimal_amkp.run.report import write_report
 
-IGNORED_ON_RESUME = ("run.device", "run.out", "run.report_extras")   # may change between the halves of one run
+IGNORED_ON_RESUME = ("run.device", "run.backend", "run.out", "run.report_extras")   # may change between the halves of one run
 RESTARTS = "TORCHELASTIC_RESTART_COUNT"      # torchrun sets it: 0 on the first start, k on the k-th restart
 
 
@@ -187,7 +187,7 @@ def run_job(cfg, data, resume, runner):
     ds, mining_names, train_names, test_names = data
     out, seed, device = cfg.run.out, cfg.run.seed, runner.device
     torch.manual_seed(seed)
-    model = distributed.sync_batch_norm(ResNetMSA(cfg.model).to(device), device)
+    model = distributed.sync_batch_norm(ResNetMSA(cfg.model, backend=cfg.run.backend).to(device), device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)      # inputs follow in loop.to_device
