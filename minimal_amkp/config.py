@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 
 
 class RunError(Exception):
-    """A problem the user must fix (bad option, data, checkpoint or folder): one line, no traceback."""
+    """A problem the user must fix (bad option, data, checkpoint or folder): one line, no traceback.
+
+    `shared` is True when every process of a run raises it alike (a bad option, a minibatch too
+    small to split), so that rank 0 alone reports it."""
+
+    shared = False
+
+    def __init__(self, message, shared=False):
+        super().__init__(message)
+        self.shared = shared
 
 
 @dataclass

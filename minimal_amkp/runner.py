@@ -73,10 +73,8 @@ class Runner:
         """
         small = [s for s in sizes if s < self.world]
         if small:
-            e = RunError(f"{option}: a minibatch of {min(small)} images cannot be split over {self.world} processes "
-                         "(each needs at least one image); raise it or start fewer processes")
-            e.shared = True
-            raise e
+            raise RunError(f"{option}: a minibatch of {min(small)} images cannot be split over {self.world} "
+                           "processes (each needs at least one image); raise it or start fewer processes", shared=True)
 
     def average(self, loss):
         return loss.detach().double().item()

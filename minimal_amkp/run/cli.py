@@ -99,7 +99,7 @@ def main(argv=None):
         report = run(cfg, resume, overwrite, given)
     except RunError as e:
         # An error that every process raises alike (a bad option, a bad --out) is printed once.
-        if distributed.is_main() or not (isinstance(e, UsageError) or getattr(e, "shared", False)):
+        if distributed.is_main() or not (isinstance(e, UsageError) or e.shared):
             print(f"minimal_amkp: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except RuntimeError as e:

@@ -244,6 +244,22 @@ def write_outputs(out, model, mined, ds, tested, config, rounds):
     return write_report(out, mined, ds, tested, config, rounds)
 
 
+def start_from_classifier(cfg, model, data):
+    """Make cfg.run.out a run whose classification is done, with `model` as its classifier, so
+    that run(cfg, resume=True) goes straight to attention mining (the study's forks share one
+    trained network). data: checkpoint.fingerprint of the data it was trained on."""
+    folder = outdir.Folder(cfg.run.out)          # the files go into the manifest the run continues
+    folder.lock()
+    try:
+        torch.manual_seed(cfg.run.seed)
+        checkpoint.save(cfg.run.out, config=to_dict(cfg), data=data, phase=len(plan(cfg)), epoch=0,
+                        model=model, opt=None, mining=None)
+        # config.json last: a folder holding it holds a whole run, so resume may continue it.
+        atomic_write_text(os.path.join(cfg.run.out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
+    finally:
+        folder.release()
+
+
 def run(cfg, resume=False, overwrite=False, given=None):
     """The whole job for a validated Config -> its report (report.json's dict).
 

@@ -42,14 +42,12 @@ import torch
 from minimal_amkp.study import tables
 from minimal_amkp.run import checkpoint
 from minimal_amkp.run import cli
-from minimal_amkp.run.job import IGNORED_ON_RESUME, phantom_root, run
-from minimal_amkp.run import outdir
+from minimal_amkp.run.job import IGNORED_ON_RESUME, phantom_root, run, start_from_classifier
 from minimal_amkp import reference as R
 from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.run.machine import device_name
 from minimal_amkp.data.chestxray import DataError, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
-from minimal_amkp.classify import plan
 from minimal_amkp.config import RunError, as_json, differences, from_dict, problem, to_dict
 from minimal_amkp.harvest import by_class, check_mining, frame, fused, harvest
 from minimal_amkp.run.lesions import peak_in_box
@@ -161,17 +159,7 @@ def fork(source, argv):
     model = ResNetMSA(cfg.model)
     checkpoint.restore_model(model, state["mining"]["model_a"], checkpoint.path(source))
     shutil.rmtree(out, ignore_errors=True)
-    folder = outdir.Folder(out)                # the fork's files go into the manifest the cell's run continues
-    folder.lock()
-    try:
-        torch.manual_seed(cfg.run.seed)
-        # Classification done, mining not started: the fork mines from N_A as its own classifier.
-        checkpoint.save(out, config=to_dict(cfg), data=state["data"], phase=len(plan(cfg)), epoch=0,
-                        model=model, opt=None, mining=None)
-        # config.json last: a folder holding it holds a whole fork, so --resume may continue it.
-        atomic_write_text(os.path.join(out, "config.json"), json.dumps(to_dict(cfg), indent=2) + "\n")
-    finally:
-        folder.release()
+    start_from_classifier(cfg, model, state["data"])     # the fork mines from N_A as its own classifier
 
 
 def check_finished(name, argv):
