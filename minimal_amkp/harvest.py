@@ -21,8 +21,8 @@ import numpy as np
 from minimal_amkp import reference as R
 from minimal_amkp.reference.checks import positive_int
 from minimal_amkp.run.atomic import atomic_write_text
-from minimal_amkp.data.chestxray import HARVEST_HEADER, BBox, png_frame, write_bbox_list
-from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.data.chestxray import HARVEST_HEADER, png_frame, write_bbox_list
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 
 def check_mining(mining, ds=None):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from minimal_amkp.data import chestxray as cx
-from minimal_amkp.classes import CLASSES
+from minimal_amkp.classes import CLASSES, BBox
 
 DE_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
            "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
@@ -114,8 +114,8 @@ def test_harvested_boxes_csv_keeps_score_and_rank(tmp_path):
 @pytest.mark.parametrize("harvested", [False, True])
 def test_writers_round_trip(tmp_path, harvested):
     score = (lambda k: 0.5 + k) if harvested else (lambda k: None)
-    boxes = [cx.BBox(f"{k:08d}_000.png", k, 1.0 / 3 + k, 2.5, 10.125, 7.0, score(k),
-                     k + 1 if harvested else None) for k in range(8)]
+    boxes = [BBox(f"{k:08d}_000.png", k, 1.0 / 3 + k, 2.5, 10.125, 7.0, score(k),
+                  k + 1 if harvested else None) for k in range(8)]
     cx.write_bbox_list(tmp_path / "b.csv", boxes)
     assert cx.read_bbox_list(tmp_path / "b.csv") == boxes
     text = (tmp_path / "b.csv").read_text()
@@ -391,7 +391,7 @@ def test_a_traversing_name_in_a_release_is_refused_or_skipped(tmp_path):
 
 def test_names_with_commas_and_quotes_round_trip_through_our_csv_writers(tmp_path):
     names = ['a,b.png', 'say "x".png', "00000001_000.png"]
-    boxes = [cx.BBox(n, 0, 1.0, 2.0, 3.0, 4.0, 0.5, 1) for n in names]
+    boxes = [BBox(n, 0, 1.0, 2.0, 3.0, 4.0, 0.5, 1) for n in names]
     cx.write_bbox_list(tmp_path / "boxes.csv", boxes)
     assert cx.read_bbox_list(tmp_path / "boxes.csv") == boxes
     entries = [cx.Entry(n, label_vector("Mass"), 0, 1, 40, "F", "AP", 64, 64, (0.25, 0.25)) for n in names]

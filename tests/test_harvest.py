@@ -8,8 +8,8 @@ from mining_world import CELL, make_world
 
 from minimal_amkp import harvest as H
 from minimal_amkp import reference as R
-from minimal_amkp.data.chestxray import BBox, Entry, read_bbox_list
-from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.data.chestxray import Entry, read_bbox_list
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 
 def frames_of(ds, names):

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from minimal_amkp.run.atomic import atomic_open
-from minimal_amkp.classes import BOX_CLASSES, CLASSES, NO_FINDING
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, NO_FINDING, BBox
 from minimal_amkp.config import RunError
 from minimal_amkp.reference.checks import positive_int
 
@@ -76,19 +76,6 @@ class Entry:
     width: int
     height: int
     spacing: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class BBox:
-    """One box, (x, y) its top-left corner, in the pixel frame of the image's PNG."""
-    image: str
-    label: int                  # index into CLASSES, < 8
-    x: float
-    y: float
-    w: float
-    h: float
-    score: float | None = None  # only in harvested boxes.csv
-    rank: int | None = None
 
 
 @dataclasses.dataclass

@@ -147,7 +147,7 @@ def write_figures(out_dir, mining, ds, h_f, baseline, am, picks, panel=256):
     """Write figures/<class>_<image stem>.png strips; return their paths relative to out_dir.
 
     mining as for report.write_report (already checked); h_f (n, 8, h, w); baseline and am:
-    lists of chestxray.BBox in the images' PNG frames; picks: [(class index, image index,
+    lists of classes.BBox in the images' PNG frames; picks: [(class index, image index,
     caption saying why this map was picked)]. Panels are panel × panel pixels.
     """
     names = list(mining["names"])
