@@ -21,7 +21,9 @@ import numpy as np
 from minimal_amkp import reference as R
 from minimal_amkp.reference.checks import positive_int
 from minimal_amkp.run.atomic import atomic_write_text
-from minimal_amkp.data.chestxray import HARVEST_HEADER, png_frame, write_bbox_list
+from minimal_amkp.data.chestxray import HARVEST_HEADER
+from minimal_amkp.data.images import png_frame
+from minimal_amkp.data.writers import write_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 
@@ -144,7 +146,7 @@ def by_class(boxes, names):
 
 
 def write_boxes_csv(path, boxes):
-    """boxes.csv: BBox_List_2017.csv columns plus score and rank (chestxray.write_bbox_list)."""
+    """boxes.csv: BBox_List_2017.csv columns plus score and rank (writers.write_bbox_list)."""
     if boxes:
         write_bbox_list(path, boxes)
     else:        # write_bbox_list picks its header from the boxes; none still means harvested

@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minimal_amkp.data import phantom
 from minimal_amkp import reference as R
-from minimal_amkp.data.chestxray import load_image, read_dataset
+from minimal_amkp.data.chestxray import read_dataset
+from minimal_amkp.data.images import load_image
 from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
 from minimal_amkp.run.cli import main as run_pipeline
 from minimal_amkp.run.job import phantom_root

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from minimal_amkp.run.atomic import atomic_write_bytes, inside
-from minimal_amkp.data.chestxray import load_image
+from minimal_amkp.data.images import load_image
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.harvest import upsample
 

@@ -40,7 +40,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minimal_amkp.run.atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from minimal_amkp.data.chestxray import DataError, Entry, read_dataset, write_bbox_list, write_data_entry
+from minimal_amkp.data.chestxray import DataError, Entry, read_dataset
+from minimal_amkp.data.writers import write_bbox_list, write_data_entry
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 from minimal_amkp.reference.checks import positive_int
 from minimal_amkp.harvest import frame
