@@ -1,5 +1,6 @@
 """data/images.py: Images (shapes, dtypes and labels of its batches, preloaded or read on demand,
-and its argument checks), the loader, and the up-front image checks on broken and hostile files."""
+and its argument checks), the loader and the PNG frame, and the up-front image checks on broken
+and hostile files."""
 import os
 import re
 import warnings
@@ -7,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from mining_world import CELL, make_world
 from PIL import Image
 from release import make_root, png
 
@@ -53,7 +55,7 @@ def test_bad_arguments(ds):
             Images(ds, ds.test, size, False, 1)
 
 
-# ---------------------------------------------------------------- the loader
+# ---------------------------------------------------------------- the loader and the frame
 
 @pytest.mark.parametrize("mode, value, expected", [
     ("L", 128, 128 / 255), ("RGBA", (128, 128, 128, 255), 128 / 255),
@@ -80,6 +82,14 @@ def test_load_image_same_size_is_untouched(tmp_path):
     Image.fromarray(a).save(tmp_path / "a.png")
     img, _ = im.load_image(tmp_path / "a.png", 8)
     np.testing.assert_array_equal(img, a / np.float32(255))
+
+
+def test_frame_is_png_size_not_data_entry(tmp_path):
+    ds, mining = make_world(tmp_path)
+    name = mining["names"][0]
+    entry = ds.entries[name]
+    ds.entries[name] = cx.Entry(name, entry.labels, 0, 0, 50, "M", "PA", 2500, 2048, (0.1, 0.1))
+    assert im.frame(ds, name) == (8 * CELL, 6 * CELL)
 
 
 # ---------------------------------------------------------------- broken input, clear errors

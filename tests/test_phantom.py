@@ -300,7 +300,7 @@ def stats_phantom(tmp_path_factory):
 
 
 def test_box_sizes_and_places_match_the_real_release(stats_phantom):
-    from minimal_amkp.harvest import frame
+    from minimal_amkp.data.images import frame
     ds = cx.read_dataset(stats_phantom)
     stats = phantom_stats.box_stats(ds, {n: frame(ds, n) for n in ds.boxes})
     for c, s in stats.items():

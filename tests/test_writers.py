@@ -1,12 +1,15 @@
-"""The CSV writers: Data_Entry, BBox_List and a harvested boxes.csv read back as written,
+"""The CSV writers: Data_Entry, BBox_List and the harvested boxes.csv read back as written,
 names with commas and quotes included."""
 import numpy as np
 import pytest
+from mining_world import make_world
 from release import label_vector
 
 from minimal_amkp.data import chestxray as cx
 from minimal_amkp.data import writers as wr
-from minimal_amkp.classes import BBox
+from minimal_amkp.data.images import frame
+from minimal_amkp.classes import CLASSES, BBox
+from minimal_amkp.harvest import harvest
 
 
 @pytest.mark.parametrize("harvested", [False, True])
@@ -43,3 +46,29 @@ def test_names_with_commas_and_quotes_round_trip_through_our_csv_writers(tmp_pat
     entries = [cx.Entry(n, label_vector("Mass"), 0, 1, 40, "F", "AP", 64, 64, (0.25, 0.25)) for n in names]
     wr.write_data_entry(tmp_path / "d.csv", entries)
     assert [e.image for e in cx.read_data_entry(tmp_path / "d.csv")] == names
+
+
+def test_boxes_csv_exact_and_round_trip(tmp_path):
+    ds, mining = make_world(tmp_path)
+    names = mining["names"]
+    boxes = harvest(mining["cams"][0], names, mining["labels"], [frame(ds, n) for n in names])
+    path = tmp_path / "boxes.csv"
+    wr.write_boxes_csv(path, boxes)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],score,rank"
+    assert len(lines) == len(boxes) + 1
+    for line, b in zip(lines[1:], boxes):
+        f = line.split(",")
+        assert len(f) == 8, line
+        want = "Infiltrate" if CLASSES[b.label] == "Infiltration" else CLASSES[b.label]
+        assert f[0] == b.image and f[1] == want and int(f[7]) == b.rank
+        assert [float(v) for v in f[2:7]] == [b.x, b.y, b.w, b.h, b.score]
+    assert "Infiltrate" in path.read_text()
+    assert cx.read_bbox_list(path) == boxes
+
+
+def test_empty_boxes_csv_keeps_harvest_header(tmp_path):
+    path = tmp_path / "boxes.csv"
+    wr.write_boxes_csv(path, [])
+    assert path.read_text() == "Image Index,Finding Label,Bbox [x,y,w,h],score,rank\n"
+    assert cx.read_bbox_list(path) == []

@@ -1,8 +1,8 @@
 """The images: a PNG's frame from its header, the up-front PNG checks, the loader, and `Images`.
 
-`png_frame(path)` reads the (width, height) a PNG's boxes are in from its header alone.
-`check_images` decodes every image once before a run, so a damaged file or a decompression
-bomb (more than MAX_PIXELS pixels) stops the run at the start, not hours in.
+`png_frame(path)` / `frame(ds, name)` read the (width, height) a PNG's boxes are in from its
+header alone. `check_images` decodes every image once before a run, so a damaged file or a
+decompression bomb (more than MAX_PIXELS pixels) stops the run at the start, not hours in.
 `load_image` makes one image one-channel float32, resized, with its boxes scaled to match.
 
 `Images(ds, names, size, ...)` is the one object the method is handed for a set of images
@@ -48,6 +48,14 @@ def png_frame(path):
     if problem:
         raise DataError(f"{path}: {problem}")
     return size
+
+
+def frame(ds, name):
+    """(width, height) of the image's PNG, the frame its boxes are in; reads only the header.
+
+    A DataError when the file is missing, is not a PNG or claims more than MAX_PIXELS.
+    """
+    return png_frame(ds.image_path(name))
 
 
 def _crc(path):

@@ -11,7 +11,7 @@ import numpy as np
 
 from minimal_amkp.classes import CLASSES, NO_FINDING
 from minimal_amkp.data.chestxray import BBOX_HEADER, ENTRY_HEADER, HARVEST_HEADER
-from minimal_amkp.run.atomic import atomic_open
+from minimal_amkp.run.atomic import atomic_open, atomic_write_text
 
 BBOX_SPELLING = {"Infiltration": "Infiltrate"}        # Data_Entry's spelling -> BBox_List's
 
@@ -47,3 +47,11 @@ def write_bbox_list(path, boxes):
         rows.append(row + ([repr(float(b.score)), int(b.rank)] if harvested else []))
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(_csv_lines(header, rows))
+
+
+def write_boxes_csv(path, boxes):
+    """boxes.csv: BBox_List_2017.csv columns plus score and rank (write_bbox_list)."""
+    if boxes:
+        write_bbox_list(path, boxes)
+    else:        # write_bbox_list picks its header from the boxes; none still means harvested
+        atomic_write_text(path, ",".join(HARVEST_HEADER) + "\n")

@@ -44,7 +44,7 @@ from minimal_amkp.data.chestxray import DataError, Entry, read_dataset
 from minimal_amkp.data.writers import write_bbox_list, write_data_entry
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 from minimal_amkp.reference.checks import positive_int
-from minimal_amkp.harvest import frame
+from minimal_amkp.data.images import frame
 from minimal_amkp.data.phantom.film import draw
 from minimal_amkp.data.phantom.stats import box_stats, format_stats
 
