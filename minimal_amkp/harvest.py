@@ -6,8 +6,9 @@ heatmap is upsampled to the image's frame and turned into up to 3 ranked boxes b
 reference. The AM boxes come from H_f (eq. 8), the baseline's from H_1 alone (t = 1, Sec. 3.2).
 
 Frame: boxes live in the pixel frame of the image's PNG, as in BBox_List_2017.csv. That is
-the PNG's own size, read from its header; Data_Entry's OriginalImage[Width,Height] is the scan
-before NIH resized it to 1024 px and is NOT the boxes' frame (the phantom writes equal values).
+the PNG's own size, read from its header (data.images.frame); Data_Entry's
+OriginalImage[Width,Height] is the scan before NIH resized it to 1024 px and is NOT the boxes'
+frame (the phantom writes equal values).
 
 Pixel-centre convention (that of PIL resize and torch interpolate(align_corners=False)):
 the h×w map covers the S×S model input, which is the W×H PNG resized, so map cell (r, c) is
@@ -20,9 +21,7 @@ import numpy as np
 
 from minimal_amkp import reference as R
 from minimal_amkp.reference.checks import positive_int
-from minimal_amkp.run.atomic import atomic_write_text
-from minimal_amkp.data.chestxray import HARVEST_HEADER, BBox, png_frame, write_bbox_list
-from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 
 def check_mining(mining, ds=None):
@@ -51,14 +50,6 @@ def check_mining(mining, ds=None):
         if unknown:
             raise ValueError(f"mining['names']: {len(unknown)} not in the dataset, e.g. {unknown[0]!r}")
     return names, labels, cams, masks, size
-
-
-def frame(ds, name):
-    """(width, height) of the image's PNG, the frame its boxes are in; reads only the header.
-
-    A DataError when the file is missing, is not a PNG or claims more than MAX_PIXELS.
-    """
-    return png_frame(ds.image_path(name))
 
 
 def fused(cams, masks):
@@ -141,11 +132,3 @@ def by_class(boxes, names):
     for b in sorted(boxes, key=lambda b: b.rank):
         pred[b.label].setdefault(b.image, []).append((b.x, b.y, b.w, b.h, b.score))
     return [{name: np.array(p[name]).reshape(-1, 5) for name in names if name in p} for p in pred]
-
-
-def write_boxes_csv(path, boxes):
-    """boxes.csv: BBox_List_2017.csv columns plus score and rank (chestxray.write_bbox_list)."""
-    if boxes:
-        write_bbox_list(path, boxes)
-    else:        # write_bbox_list picks its header from the boxes; none still means harvested
-        atomic_write_text(path, ",".join(HARVEST_HEADER) + "\n")

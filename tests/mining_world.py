@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from minimal_amkp import reference as R
-from minimal_amkp.data.chestxray import BBox, ChestXray14, Entry
-from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.data.chestxray import ChestXray14, Entry
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 CELL = 8          # PNG pixels per heatmap cell along each axis in make_world
 # (width, height) in heatmap cells, and per image the (class, cell box (col, row, w, h)) it shows.

@@ -8,7 +8,8 @@ from mining_world import make_world
 
 from minimal_amkp.run import figures as F
 from minimal_amkp.classes import BOX_CLASSES
-from minimal_amkp.harvest import frame, fused, harvest
+from minimal_amkp.data.images import frame
+from minimal_amkp.harvest import fused, harvest
 
 
 def test_save_png_round_trip_and_atomic(tmp_path):

@@ -1,27 +1,19 @@
-"""harvest.py: boxes from heatmaps in the PNG frame, boxes.csv, the leave-one-out box prior."""
+"""harvest.py: boxes from heatmaps in the PNG frame, the leave-one-out box prior."""
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mining_world import CELL, make_world
+from mining_world import make_world
 
 from minimal_amkp import harvest as H
 from minimal_amkp import reference as R
-from minimal_amkp.data.chestxray import BBox, Entry, read_bbox_list
-from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.data.images import frame
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 
 def frames_of(ds, names):
-    return [H.frame(ds, n) for n in names]
-
-
-def test_frame_is_png_size_not_data_entry(tmp_path):
-    ds, mining = make_world(tmp_path)
-    name = mining["names"][0]
-    entry = ds.entries[name]
-    ds.entries[name] = Entry(name, entry.labels, 0, 0, 50, "M", "PA", 2500, 2048, (0.1, 0.1))
-    assert H.frame(ds, name) == (8 * CELL, 6 * CELL)
+    return [frame(ds, n) for n in names]
 
 
 @settings(max_examples=40, deadline=None)
@@ -91,32 +83,6 @@ def test_heatmap_on_gt_box_gives_acc_one_at_iou_03(tmp_path):
         if b.rank == 1:
             g = [x for x in ds.boxes[b.image] if x.label == b.label][0]
             assert R.iou((b.x, b.y, b.w, b.h), (g.x, g.y, g.w, g.h)) > 0.5, (b, g)
-
-
-def test_boxes_csv_exact_and_round_trip(tmp_path):
-    ds, mining = make_world(tmp_path)
-    names = mining["names"]
-    boxes = H.harvest(mining["cams"][0], names, mining["labels"], frames_of(ds, names))
-    path = tmp_path / "boxes.csv"
-    H.write_boxes_csv(path, boxes)
-    lines = path.read_text().splitlines()
-    assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],score,rank"
-    assert len(lines) == len(boxes) + 1
-    for line, b in zip(lines[1:], boxes):
-        f = line.split(",")
-        assert len(f) == 8, line
-        want = "Infiltrate" if CLASSES[b.label] == "Infiltration" else CLASSES[b.label]
-        assert f[0] == b.image and f[1] == want and int(f[7]) == b.rank
-        assert [float(v) for v in f[2:7]] == [b.x, b.y, b.w, b.h, b.score]
-    assert "Infiltrate" in path.read_text()
-    assert read_bbox_list(path) == boxes
-
-
-def test_empty_boxes_csv_keeps_harvest_header(tmp_path):
-    path = tmp_path / "boxes.csv"
-    H.write_boxes_csv(path, [])
-    assert path.read_text() == "Image Index,Finding Label,Bbox [x,y,w,h],score,rank\n"
-    assert read_bbox_list(path) == []
 
 
 def test_prior_is_mean_of_other_images_boxes(tmp_path):

@@ -2,8 +2,7 @@
 import numpy as np
 import pytest
 
-from minimal_amkp.data.chestxray import BBox
-from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.classes import BOX_CLASSES, BBox
 from minimal_amkp.run.lesions import (EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
                                   peak_position, peaks_in_chest)
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from minimal_amkp.data import chestxray as cx
 from minimal_amkp.data import phantom
+from minimal_amkp.data.images import check_images
 from minimal_amkp.data.phantom import anatomy as phantom_anatomy
 from minimal_amkp.data.phantom import film as phantom_draw
 from minimal_amkp.data.phantom import stats as phantom_stats
@@ -38,7 +39,7 @@ def digest(folder):
 def test_every_label_and_box_reads_back_equal(tiny):
     out, summary = tiny
     ds = cx.read_dataset(out)
-    assert cx.check_images(ds, ds.train_val + ds.test) == ds.train_val + ds.test
+    assert check_images(ds, ds.train_val + ds.test) == ds.train_val + ds.test
     plan = phantom.plan(N, SEED)
     assert list(ds.entries) == plan["name"]
     for i, name in enumerate(plan["name"]):
@@ -299,7 +300,7 @@ def stats_phantom(tmp_path_factory):
 
 
 def test_box_sizes_and_places_match_the_real_release(stats_phantom):
-    from minimal_amkp.harvest import frame
+    from minimal_amkp.data.images import frame
     ds = cx.read_dataset(stats_phantom)
     stats = phantom_stats.box_stats(ds, {n: frame(ds, n) for n in ds.boxes})
     for c, s in stats.items():

@@ -10,7 +10,8 @@ from mining_world import make_world
 from minimal_amkp import reference as R
 from minimal_amkp.data.chestxray import read_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
-from minimal_amkp.harvest import by_class, frame, upsample
+from minimal_amkp.data.images import frame
+from minimal_amkp.harvest import by_class, upsample
 from minimal_amkp.run.report import write_report
 
 

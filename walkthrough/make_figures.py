@@ -23,14 +23,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minimal_amkp.data import phantom
 from minimal_amkp import reference as R
-from minimal_amkp.data.chestxray import load_image, read_dataset
+from minimal_amkp.data.chestxray import read_dataset
+from minimal_amkp.data.images import frame, load_image
 from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
 from minimal_amkp.run.cli import main as run_pipeline
 from minimal_amkp.run.job import phantom_root
 from minimal_amkp.config import from_dict
 from minimal_amkp.run.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
                                   save_png, strip)
-from minimal_amkp.harvest import check_mining, frame, upsample
+from minimal_amkp.harvest import check_mining, upsample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PANEL = 256                                               # pixels per side of every panel

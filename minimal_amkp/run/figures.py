@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from minimal_amkp.run.atomic import atomic_write_bytes, inside
-from minimal_amkp.data.chestxray import load_image
+from minimal_amkp.data.images import load_image
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.harvest import upsample
 
@@ -147,7 +147,7 @@ def write_figures(out_dir, mining, ds, h_f, baseline, am, picks, panel=256):
     """Write figures/<class>_<image stem>.png strips; return their paths relative to out_dir.
 
     mining as for report.write_report (already checked); h_f (n, 8, h, w); baseline and am:
-    lists of chestxray.BBox in the images' PNG frames; picks: [(class index, image index,
+    lists of classes.BBox in the images' PNG frames; picks: [(class index, image index,
     caption saying why this map was picked)]. Panels are panel × panel pixels.
     """
     names = list(mining["names"])

@@ -19,8 +19,8 @@ from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.classify import classification_epoch, plan, set_phase
 from minimal_amkp.config import RunError, apply, as_json, differences, from_dict, problem, to_dict, validate
 from minimal_amkp.data import phantom
-from minimal_amkp.data.chestxray import check_images, read_dataset
-from minimal_amkp.data.images import Images
+from minimal_amkp.data.chestxray import read_dataset
+from minimal_amkp.data.images import Images, check_images
 from minimal_amkp.loop import optimizer, predict
 from minimal_amkp.mine import attention_mining
 from minimal_amkp.model import ResNetMSA, load_init, map_size

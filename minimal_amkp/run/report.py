@@ -22,8 +22,9 @@ from minimal_amkp import reference as R
 from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, SHORT_NAMES
 from minimal_amkp.run.figures import write_figures
-from minimal_amkp.harvest import (box_prior, by_class, check_mining, frame, fused, harvest,
-                                  upsample, write_boxes_csv)
+from minimal_amkp.data.images import frame
+from minimal_amkp.data.writers import write_boxes_csv
+from minimal_amkp.harvest import box_prior, by_class, check_mining, fused, harvest, upsample
 from minimal_amkp.run.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
                                   peaks_in_chest)
 from minimal_amkp.mine import ROUND_RECORD

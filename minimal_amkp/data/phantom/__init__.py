@@ -40,10 +40,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minimal_amkp.run.atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from minimal_amkp.data.chestxray import BBox, DataError, Entry, read_dataset, write_bbox_list, write_data_entry
-from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.data.chestxray import DataError, Entry, read_dataset
+from minimal_amkp.data.writers import write_bbox_list, write_data_entry
+from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 from minimal_amkp.reference.checks import positive_int
-from minimal_amkp.harvest import frame
+from minimal_amkp.data.images import frame
 from minimal_amkp.data.phantom.film import draw
 from minimal_amkp.data.phantom.stats import box_stats, format_stats
 
