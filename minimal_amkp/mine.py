@@ -164,9 +164,9 @@ def compute_cams(model, mining, masks, batch_size, label, runner):
 
 def next_masks(h, m, labels, threshold):
     """M_t from H_t (n, 8, h, w) and M_{t-1} (uint8, same shape); only positive classes change."""
-    updated = R.update_masks(h.double().numpy(), m.numpy(), threshold)                # (n, 8, h, w)
-    positive = labels[:, :B].numpy().astype(bool)[:, :, None, None]                  # (n, 8, 1, 1)
-    return torch.from_numpy(np.where(positive, updated, m.numpy()).astype(np.uint8))
+    updated = ops.update_masks(h, m, threshold)                                      # (n, 8, h, w)
+    positive = labels[:, :B].bool()[:, :, None, None]                                # (n, 8, 1, 1)
+    return torch.where(positive, updated, m)
 
 
 def erased_loss(model, mining, masks, batch_size, runner):
