@@ -28,7 +28,7 @@ from minimal_amkp.data.images import frame, load_image
 from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
 from minimal_amkp.run.cli import main as run_pipeline
 from minimal_amkp.run.job import phantom_root
-from minimal_amkp.config import from_dict
+from minimal_amkp.run.settings import from_dict
 from minimal_amkp.run.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
                                   save_png, strip)
 from minimal_amkp.harvest import check_mining, upsample

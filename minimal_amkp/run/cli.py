@@ -19,10 +19,11 @@ import time
 import warnings
 
 from minimal_amkp import ops
-from minimal_amkp.config import RunError, apply, fields, preset, validate
+from minimal_amkp.config import RunError, preset, validate
 from minimal_amkp.run import distributed
 from minimal_amkp.run.job import restarts, run
 from minimal_amkp.run.progress import clock
+from minimal_amkp.run.settings import apply, fields
 
 
 class UsageError(RunError):

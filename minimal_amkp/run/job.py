@@ -17,7 +17,7 @@ import torch
 
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.classify import classification_epoch, plan, set_phase
-from minimal_amkp.config import RunError, apply, as_json, differences, from_dict, problem, to_dict, validate
+from minimal_amkp.config import RunError, validate
 from minimal_amkp.data import phantom
 from minimal_amkp.data.chestxray import read_dataset
 from minimal_amkp.data.images import Images, check_images
@@ -28,6 +28,7 @@ from minimal_amkp.run import checkpoint, distributed, outdir
 from minimal_amkp.run.atomic import atomic_open, atomic_write_text
 from minimal_amkp.run.progress import Progress, say
 from minimal_amkp.run.report import write_report
+from minimal_amkp.run.settings import apply, as_json, differences, from_dict, problem, to_dict
 
 IGNORED_ON_RESUME = ("run.device", "run.backend", "run.out", "run.report_extras")   # may change between the halves of one run
 RESTARTS = "TORCHELASTIC_RESTART_COUNT"      # torchrun sets it: 0 on the first start, k on the k-th restart

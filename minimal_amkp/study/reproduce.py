@@ -48,7 +48,8 @@ from minimal_amkp.run.atomic import atomic_write_text
 from minimal_amkp.run.machine import device_name
 from minimal_amkp.data.chestxray import DataError, read_dataset
 from minimal_amkp.classes import BOX_CLASSES
-from minimal_amkp.config import RunError, as_json, differences, from_dict, problem, to_dict
+from minimal_amkp.config import RunError
+from minimal_amkp.run.settings import as_json, differences, from_dict, problem, to_dict
 from minimal_amkp.data.images import frame
 from minimal_amkp.harvest import by_class, check_mining, fused, harvest
 from minimal_amkp.run.lesions import peak_in_box
