@@ -17,7 +17,7 @@ S, H = 64, 4                                     # micro input and its X side (S
 
 
 class Memory:
-    """An in-memory stand-in for train.Images: batch(positions) -> (images, labels)."""
+    """An in-memory stand-in for data.images.Images: batch(positions) -> (images, labels)."""
 
     def __init__(self, n, seed):
         g = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ from minimal_amkp.data import chestxray as cx
 from minimal_amkp.data import phantom
 from minimal_amkp.data.images import check_images
 from minimal_amkp.data.phantom import anatomy as phantom_anatomy
-from minimal_amkp.data.phantom import film as phantom_draw
+from minimal_amkp.data.phantom import film
 from minimal_amkp.data.phantom import stats as phantom_stats
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
@@ -50,7 +50,7 @@ def test_every_label_and_box_reads_back_equal(tiny):
         assert (name in ds.test) == plan["test"][i]
         if name not in ds.boxes:
             continue
-        drawn = phantom_draw.draw(np.random.default_rng([SEED, i + 1]), SIZE,
+        drawn = film.draw(np.random.default_rng([SEED, i + 1]), SIZE,
                                   plan["labels"][i], plan["view"][i]).boxes
         assert [(b.label, (b.x, b.y, b.w, b.h)) for b in ds.boxes[name]] == drawn, name
     assert summary["boxes"] == sum(len(v) for v in ds.boxes.values()) > 0
@@ -164,7 +164,7 @@ def test_every_box_class_draws_tight_boxes_inside_the_image(size):
         for k in range(6):
             y = np.zeros(len(CLASSES), np.uint8)
             y[c] = 1
-            img, boxes = phantom_draw.draw(np.random.default_rng([3, c, k]), size, y, "PA")[:2]
+            img, boxes = film.draw(np.random.default_rng([3, c, k]), size, y, "PA")[:2]
             assert img.dtype == np.uint8 and img.shape == (size, size)
             assert boxes and all(label == c for label, _ in boxes), (name, k)
             for _, (x0, y0, w, h) in boxes:
@@ -179,8 +179,8 @@ def test_every_box_class_draws_tight_boxes_inside_the_image(size):
 def test_lesions_change_the_picture_where_their_box_is():
     y = np.zeros(len(CLASSES), np.uint8)
     y[CLASSES.index("Nodule")] = 1
-    drawn = phantom_draw.draw(np.random.default_rng([5, 0]), 128, y, "PA")
-    without, none, _, _ = phantom_draw.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")
+    drawn = film.draw(np.random.default_rng([5, 0]), 128, y, "PA")
+    without, none, _, _ = film.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")
     assert none == [] and len(drawn.cores) == len(drawn.boxes) > 0
     diff = np.abs(drawn.image.astype(int) - without.astype(int))
     outside = np.ones_like(diff, bool)
@@ -230,7 +230,7 @@ def lesions_of(name, seed, size=128, count=None):
     ch.anatomy()
     if count is not None:
         ch.count = lambda _: count
-    return ch, phantom_draw.SIGNS[name](ch)
+    return ch, film.SIGNS[name](ch)
 
 
 @pytest.mark.parametrize("name", BOX_CLASSES)
@@ -265,9 +265,9 @@ def test_later_lesions_of_a_class_are_less_conspicuous_than_the_first(name):
 
 def test_a_later_lesion_is_smaller_fainter_or_mostly_its_faint_form():
     rng = np.random.default_rng(0)
-    assert phantom_draw.variant(rng, 0) == (1.0, 1.0, 1.0)
+    assert film.variant(rng, 0) == (1.0, 1.0, 1.0)
     for _ in range(200):
-        size, strength, core = phantom_draw.variant(rng, 1)
+        size, strength, core = film.variant(rng, 1)
         assert max(size, strength, core) <= 1.0 and min(size, strength, core) <= 0.8
 
 
