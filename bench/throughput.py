@@ -19,7 +19,7 @@ import torch
 from minimal_amkp.config import ModelConfig
 from minimal_amkp.mine import am_loss, frozen_copy
 from minimal_amkp.model import ResNetMSA
-from minimal_amkp.train import autocast, to_device
+from minimal_amkp.loop import autocast, to_device
 
 IMAGES = 112_120  # ChestX-ray14
 SIZE = 512  # the paper's input side; X is 32×32

@@ -37,10 +37,16 @@ def reports(where):
 
 def test_the_study_writes_three_tables_a_verdict_per_claim_and_the_notes(study):
     text = (study / "reproduction.md").read_text()
-    rows = [line for line in text.split("## Table 1")[0].splitlines() if line.startswith("| Table")]
-    assert len(rows) == 13, rows
+    verdicts = text.split("## Verdicts")[1].split("## ")[0]
+    rows = [line for line in verdicts.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert len([r for r in rows if r.startswith("| Table")]) == 13 and len(rows) == 13 + 4, rows
     assert all(line.rstrip(" |").endswith(tuple(f"**{v}**" for v in VERDICTS)) for line in rows), rows
-    for heading in ("## Table 1", "## Table 2", "## Table 3", "## Diagnostic", "## Cost", "## What we found"):
+    # Every interval's half-width is printed; the claims the paper does not make say so.
+    assert all(re.search(r"\| (\d\.\d{3}( \(> 0\.05\))?|n/a) \|", line) for line in rows), rows
+    assert sum("not in the paper" in line for line in rows) == 4
+    assert any(line.startswith("| Eq. (8) read with each H_t normalised") for line in rows)
+    for heading in ("## Table 1", "## Table 2", "## Table 3", "## Lesion by lesion", "## Diagnostic", "## Cost",
+                    "## What we found"):
         assert heading in text, heading
     assert text.count("### T(IoU) =") == 7 + 2
     assert "| *paper 512-baseline* | 0.21 | 0.81 | 0.37 |" in text
@@ -53,6 +59,19 @@ def test_a_second_run_reads_finished_cells_back(data, study):
     before = reports(study)
     assert reproduce.main(study_args(data, study)) == 0
     assert reports(study) == before
+
+
+def test_one_size_leaves_out_the_second_resolution_and_its_claim(data, study):
+    before = reports(study)
+    args = study_args(data, study)
+    args[args.index("--sizes") + 1] = "64"
+    args[args.index("--result") + 1] = str(study / "one-size.md")
+    assert reproduce.main(args) == 0
+    assert reports(study) == before                    # every cell it needs was finished
+    text = (study / "one-size.md").read_text()
+    assert "512 beats 1024" not in text and "96-" not in text
+    assert "study size 64 stands for the paper's 512; the second resolution was not run" in text
+    assert "| 64-bilinear |" in text
 
 
 def test_a_cell_cut_short_is_resumed_not_restarted(data, study):
@@ -97,7 +116,7 @@ def test_the_no_msa_baseline_trains_as_many_epochs_as_resnet_msa():
 @pytest.mark.parametrize("args, code, message", [
     (["--seeds", "a"], 2, "--seeds: cannot read 'a' as comma-separated integers"),
     (["--seeds", "0,0"], 2, "--seeds: values must differ"),
-    (["--sizes", "64"], 2, "--sizes: needs 2 values"),
+    (["--sizes", "64,96,128"], 2, "--sizes: needs 1 or 2 values"),
     (["--sizes", "16,64"], 2, "--sizes: each size must be >= 32"),
     (["--seed", "3"], 2, "--seed: set by the study for each cell"),
     (["--mine.kp=none"], 2, "--mine.kp: set by the study for each cell"),

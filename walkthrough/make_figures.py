@@ -6,6 +6,7 @@
     mining_rounds.png  H_1..H_T (eq. 7) of one mining image and class, each over the X-ray,
                        with the region erased before that round hatched
     fused.png          H_1 with the baseline's boxes beside H_f (eq. 8) with the AM boxes
+    mining_rounds_loss.png, fused_loss.png   the same for the second case (pick_cases)
 
 The last two read DIR/mining.npz, the heatmaps and masks of an end-to-end run
 `python -m minimal_amkp --out DIR` (tiny preset on the phantom by default). Without that file
@@ -31,7 +32,9 @@ from minimal_amkp.run.job import phantom_root
 from minimal_amkp.run.settings import from_dict
 from minimal_amkp.run.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
                                   save_png, strip)
-from minimal_amkp.harvest import check_mining, upsample
+from minimal_amkp.harvest import check_mining, harvest, upsample
+from minimal_amkp.run.lesions import gains
+from minimal_amkp.run.report import ground_truth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PANEL = 256                                               # pixels per side of every panel
@@ -93,31 +96,24 @@ def ensure_run(run):
     return path
 
 
-def best_iou(boxes, gt):
-    return float(R.iou(boxes[:, None, :4], gt[None]).max()) if len(boxes) else 0.0
+def pick_cases(ds, names, labels, cams, masks):
+    """The two cases the walkthrough shows, by the rule §9 states: of the maps (mining image,
+    labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
+    most over those of H_1 and the one where they lose most, by the report's measure
+    (run.lesions.gains: mean over the ground-truth boxes of the best IoU, H_f's minus H_1's); ties
+    go to the first image, then class. -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
+    frames = [frame(ds, n) for n in names]
+    base = harvest(cams[0], names, labels, frames)
+    am = harvest(R.fuse_heatmaps(list(cams), list(masks)), names, labels, frames)
+    gt = ground_truth(names, ds.boxes)
+    multi = [(g, i, c) for (c, i), g in gains(base, am, names, gt).items() if len(gt[c][names[i]]) >= 2]
+    if not multi:
+        sys.exit("make_figures: no mining image has two or more ground-truth boxes of a class it is labelled with")
+    picks = [min(multi, key=lambda m: (-m[0], m[1], m[2])), min(multi, key=lambda m: (m[0], m[1], m[2]))]
 
-
-def pick_case(ds, names, labels, cams, h_f):
-    """The (image, class) with a ground-truth box where AM's boxes gained most over the baseline's.
-
-    Gain = best IoU of the up-to-3 boxes of H_f with the ground truth minus that of H_1's; ties
-    go to the first name. Returns (i, c, gt, baseline boxes, AM boxes), boxes in the image frame.
-    """
-    best = None
-    for i, name in enumerate(names):
-        for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
-            gt = np.array([(b.x, b.y, b.w, b.h) for b in ds.boxes.get(name, ()) if b.label == c])
-            if not len(gt):
-                continue
-            width, height = frame(ds, name)
-            base, am = (R.boxes_from_heatmap(upsample(h[i, c], width, height))
-                        for h in (cams[0], h_f))
-            gain = best_iou(am, gt) - best_iou(base, gt)
-            if best is None or gain > best[0]:
-                best = (gain, i, int(c), gt, base, am)
-    if best is None:
-        sys.exit("make_figures: no mining image has a ground-truth box of a class it is labelled with")
-    return best[1:]
+    def rows(boxes, i, c):
+        return np.array([(b.x, b.y, b.w, b.h) for b in boxes if b.image == names[i] and b.label == c]).reshape(-1, 4)
+    return [(i, c, g, gt[c][names[i]], rows(base, i, c), rows(am, i, c)) for g, i, c in picks]
 
 
 def mining_summary(labels, cams, masks, h_f):
@@ -151,13 +147,22 @@ def load_run(run):
 
 
 def mining_figures(run):
-    """(mining_rounds, fused) uint8 pictures of the chosen case of the run in `run`."""
+    """[(mining_rounds, fused)] uint8 pictures of the two cases (pick_cases) of the run in `run`."""
     names, labels, cams, masks, ds = load_run(run)                                   # (T, n, 8, h, w)
     h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
-    i, c, gt, base, am = pick_case(ds, names, labels, cams, h_f)
-    image, scaled = load_image(ds.image_path(names[i]), PANEL, np.concatenate([gt, base[:, :4], am[:, :4]]))
+    summary = mining_summary(labels, cams, masks, h_f)
+    print(f"make_figures: {run}: {summary}")
+    return [case_figures(ds, names, cams, masks, h_f, summary, *case)
+            for case in pick_cases(ds, names, labels, cams, masks)]
+
+
+def case_figures(ds, names, cams, masks, h_f, summary, i, c, gain, gt, base, am):
+    """(mining_rounds, fused) of map (i, c): the rounds over the X-ray, then H_1 and H_f with their boxes."""
+    image, scaled = load_image(ds.image_path(names[i]), PANEL, np.concatenate([gt, base, am]))
     gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(base)]))
-    title = f"{names[i]}  {BOX_CLASSES[c]}  ({masks.shape[-1]}x{masks.shape[-2]} feature map)"
+    title = (f"{names[i]}  {BOX_CLASSES[c]}  ({masks.shape[-1]}x{masks.shape[-2]} feature map)  "
+             f"best-box IoU Hf - H1 {gain:+.2f}")
+    print(f"make_figures: {names[i]} {BOX_CLASSES[c]}: {len(gt)} ground-truth boxes, gain {gain:+.3f}")
 
     def heat(h, m=None):
         return draw_boxes(overlay_heatmap(image, upsample(h, PANEL, PANEL),
@@ -169,8 +174,6 @@ def mining_figures(run):
         rounds.append(heat(cams[t, i, c], masks[t, i, c]))
         titles.append(f"H{t + 1}, under M{t}" + (" (all ones)" if t == 0 else ", hatched = erased"))
     fused = [draw_boxes(heat(cams[0, i, c]), base_p, GREEN), draw_boxes(heat(h_f[i, c]), am_p, GREEN)]
-    summary = mining_summary(labels, cams, masks, h_f)
-    print(f"make_figures: {run}: {summary}")
     return (below(summary, strip(rounds, titles, f"attention mining rounds: {title}")),
             strip(fused, ["H1, baseline boxes", "Hf (eq. 8), AM boxes"],
                   f"{title}  red = ground truth, green = harvested"))
@@ -182,11 +185,12 @@ def main(argv=None):
                    help="folder of an end-to-end run (made if it holds no mining.npz)")
     p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
     args = p.parse_args(argv)
-    rounds, fused = mining_figures(args.run)
+    (rounds, fused), (rounds_loss, fused_loss) = mining_figures(args.run)
     save_png(os.path.join(args.out, "phantom.png"), phantom_figure())
-    save_png(os.path.join(args.out, "mining_rounds.png"), rounds)
-    save_png(os.path.join(args.out, "fused.png"), fused)
-    print(f"wrote phantom.png, mining_rounds.png, fused.png to {args.out}")
+    for name, picture in (("mining_rounds", rounds), ("fused", fused), ("mining_rounds_loss", rounds_loss),
+                          ("fused_loss", fused_loss)):
+        save_png(os.path.join(args.out, f"{name}.png"), picture)
+    print(f"wrote phantom.png, mining_rounds.png, fused.png, mining_rounds_loss.png, fused_loss.png to {args.out}")
 
 
 if __name__ == "__main__":

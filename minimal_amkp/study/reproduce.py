@@ -1,6 +1,6 @@
 """Tables 1-3 of the paper, re-run with several seeds: `python -m minimal_amkp.study.reproduce`.
 
-    python -m minimal_amkp.study.reproduce [--seeds 0,1,2] [--sizes S1,S2] [--out runs/reproduce]
+    python -m minimal_amkp.study.reproduce [--seeds 0,1,2] [--sizes S1[,S2]] [--out runs/reproduce]
         [--result minimal_amkp/study/results/reproduction.md] [--notes minimal_amkp/study/results/reproduction_notes.md]
         [--mining-only STUDY] [any option of python -m minimal_amkp but those set per cell]
 
@@ -8,9 +8,10 @@
 STUDY's am-full cell trained for that seed: mining settings (--mine.lr ...) can be tried in
 minutes. The classifier's model, data and train settings must be the ones given here.
 
-Without --data the study runs on a phantom of 1200 images (not the default run's 2000, so
-that 3 seeds fit in an hour on 2 CPU cores; `--data.phantom-images N` changes it). With
+Without --data the study runs on the default run's phantom (phantom v2, 6000 images). With
 `--preset paper --data DIR` it runs the same study on ChestX-ray14 (sizes 512,1024; a GPU).
+`--sizes S1` alone leaves out Table 1's second resolution (the t1-*-S2 cells, each 4 times the
+cost of an S1 cell at twice the side) and its claim.
 
 Every cell is an ordinary run of `python -m minimal_amkp` in its own folder <out>/<cell>-seed<k>,
 so nothing is lost when the study is interrupted: rerun the same command and finished cells
@@ -59,7 +60,7 @@ from minimal_amkp.run.report import ground_truth
 
 ALL_BOXES_IOU = (0.1, 0.3)                 # the T(IoU) columns of Tables 1 and 3
 # The study reads neither MaxBoxAccV2 nor the figures of its cells' reports: a minute saved per cell at 256 px.
-STUDY_DEFAULTS = ["--data.phantom-images", "1200", "--report-extras", "false"]
+STUDY_DEFAULTS = ["--report-extras", "false"]
 # Set by the study for each cell; given on the command line they would make the cells alike.
 MANAGED = ("--seed", "--out", "--resume", "--overwrite", "--data.image-size", "--data.image_size",
            "--data.phantom-size", "--data.phantom_size", "--model.msa", "--mine.kp", "--mine.rounds")
@@ -75,13 +76,13 @@ class StudyConfig:
     mining_only: str = ""                  # a finished study: run its am-* cells again from its classifiers
 
 
-def _ints(option, text, count=None):
+def _ints(option, text, counts=None):
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise cli.UsageError(f"{option}: cannot read {text!r} as comma-separated integers") from None
-    if count is not None and len(values) != count:
-        raise cli.UsageError(f"{option}: needs {count} values, got {text!r}")
+    if counts is not None and len(values) not in counts:
+        raise cli.UsageError(f"{option}: needs {' or '.join(map(str, counts))} values, got {text!r}")
     if len(set(values)) != len(values):
         raise cli.UsageError(f"{option}: values must differ, got {text!r}")
     return values
@@ -109,7 +110,7 @@ def parse(argv):
     if cfg.run.data and not os.path.isdir(cfg.run.data):
         raise RunError(f"--data {cfg.run.data}: no such folder")
     size = cfg.data.image_size
-    study.sizes = _ints("--sizes", ns.sizes, 2) if ns.sizes is not None else (size, 2 * size)
+    study.sizes = _ints("--sizes", ns.sizes, (1, 2)) if ns.sizes is not None else (size, 2 * size)
     if min(study.sizes) < 32:
         raise cli.UsageError(f"--sizes: each size must be >= 32, got {ns.sizes!r}")
     return study, given
@@ -257,6 +258,7 @@ def measure(out, datasets):
     return dict(all_boxes=all_boxes,
                 acc_afp=report["acc_afp"]["iou"], seconds=seconds,
                 peaks=peak_hits(cams, masks, names, frames, gt) if len(cams) > 1 else None,
+                lesions=report["lesions"],
                 n_mining=len(names),
                 n_gt=sum(report["n_gt_boxes"].values()))
 

@@ -16,6 +16,7 @@ from scipy import stats
 
 from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
 
+LESION_CUTS = ("iou 0.1", "iou 0.3", "iobb 0.5")   # run/lesions.py's cuts, as report.json names them
 SMALL = (3, 4, 5)                          # Infiltration, Mass, Nodule: Table 1's "small-scale" findings
 T2_IOU = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -68,6 +69,7 @@ PAPER_T3 = {                               # Acc, all boxes in B; (row, T(IoU)) 
     ("vanilla", 0.3): [0.26, 0.73, 0.41, 0.46, 0.32, 0.10, 0.42, 0.36],
     ("full", 0.3): [0.33, 0.85, 0.48, 0.42, 0.34, 0.20, 0.44, 0.38],
 }
+WIDE = 0.05                                # the interval half-width the study aims to stay within
 MSA_NAMES = {"none": "baseline", "bilinear": "bilinear", "deconv": "deconv."}
 KP_NAMES = {"none": "w/o KP", "vanilla": "KP-Vanilla", "full": "KP"}
 
@@ -140,16 +142,22 @@ def _t2(results, method, key):
     return _seeds(results, "am-full", lambda m: m["acc_afp"][method][key])            # (seeds, 7, 8)
 
 
+def _lesions(results, kind, method, fn):
+    """fn(lesion numbers of `method` (baseline | am) in one seed's report) over seeds -> (seeds,)."""
+    return _seeds(results, kind, lambda m: fn(m["lesions"][method]))
+
+
 def claims(results, sizes):
-    """[(claim, test on the study, study a (seeds,), b (seeds,), paper a, paper b)]."""
-    s1, s2 = sizes
+    """[(claim, test on the study, study a (seeds,), b (seeds,), paper a, paper b)]; paper values
+    are NaN for the claims the paper does not make (per-lesion numbers, the reading of (8))."""
+    s1, s2 = (*sizes, None)[:2]
     out = []
     for msa in ("bilinear", "deconv") if f"t1-none-{s1}" in results else ():
         out.append((f"Table 1: at 512, MSA ({MSA_NAMES[msa]}) beats the baseline on the small findings",
                     f"t1 {msa} vs none at {s1}, mean Acc(0.3) of Inf., Mass, Nod.",
                     class_mean(_t1(results, s1, msa), SMALL), class_mean(_t1(results, s1, "none"), SMALL),
                     class_mean(PAPER_T1["low", msa], SMALL), class_mean(PAPER_T1["low", "none"], SMALL)))
-    for msa in ("none", "bilinear", "deconv") if f"t1-none-{s1}" in results else ():
+    for msa in ("none", "bilinear", "deconv") if f"t1-none-{s2}" in results else ():
         out.append((f"Table 1: 512 beats 1024 ({MSA_NAMES[msa]})",
                     f"t1 {msa} at {s1} vs {s2}, mean Acc(0.3) of 8 classes",
                     class_mean(_t1(results, s1, msa)), class_mean(_t1(results, s2, msa)),
@@ -167,6 +175,20 @@ def claims(results, sizes):
         out.append((f"Table 3: AM t = 3 beats t = 1 at T(IoU) {t}", f"am-full H_f(t = 3) vs H_1, mean Acc({t})",
                     class_mean(_t3(results, "am-full", 3, i)), class_mean(_t3(results, "am-full", 1, i)),
                     class_mean(PAPER_T3["t=3", t]), class_mean(PAPER_T3["t=1", t])))
+    nan = math.nan
+    out.append(("Eq. (8) read with each H_t normalised to [0, 1] (Sec. 3.2) vs raw H_t (the default)",
+                "am-full t = 3: H_f of min-max normalised H_t vs of raw H_t, mean Acc(0.3)",
+                class_mean(_t3(results, "am-full", "normalised", 1)), class_mean(_t3(results, "am-full", 3, 1)),
+                nan, nan))
+    for cut in ("iou 0.1", "iou 0.3"):
+        out.append((f"AM finds more of the lesions of multi-lesion images (recall at {cut.upper()})",
+                    f"am-full H_f vs H_1, recall of the gt boxes of images with 2+ boxes of a class at {cut}",
+                    _lesions(results, "am-full", "am", lambda n: n["recall"][cut]["multi"]),
+                    _lesions(results, "am-full", "baseline", lambda n: n["recall"][cut]["multi"]), nan, nan))
+    out.append(("AM covers more of large findings (extent IoU)",
+                "am-full H_f vs H_1, best-box IoU per gt box, mean over the 6 spreading classes",
+                _lesions(results, "am-full", "am", lambda n: n["extent_iou_mean"]),
+                _lesions(results, "am-full", "baseline", lambda n: n["extent_iou_mean"]), nan, nan))
     for better, worse in (("full", "vanilla"), ("vanilla", "none")):
         for i, t in enumerate((0.1, 0.3)):
             out.append((f"Table 3: {KP_NAMES[better]} beats {KP_NAMES[worse]} at T(IoU) {t}",
@@ -178,22 +200,25 @@ def claims(results, sizes):
 
 
 def _verdict_table(results, sizes):
-    lines = ["| paper's claim | tested on the study as | study: a vs b, Δ [95% CI] | paper: a vs b | verdict |",
-             "|---|---|---|---|---|"]
+    lines = ["| claim | tested on the study as | study: a vs b, Δ [95% CI] | interval ± | paper: a vs b | verdict |",
+             "|---|---|---|---|---|---|"]
     for claim, test, a, b, pa, pb in claims(results, sizes):
         v, mean, half = verdict(a, b)
         ci = f"[{mean - half:+.3f}, {mean + half:+.3f}]" if math.isfinite(half) else "(one seed)"
+        width = f"{half:.3f}" + (" (> 0.05)" if half > WIDE else "") if math.isfinite(half) else "n/a"
         ahead = f"a > b in {int(np.sum(np.asarray(a) > np.asarray(b)))} of {len(a)} seeds"
+        paper = f"{float(pa):.2f} vs {float(pb):.2f}" if math.isfinite(pa) else "not in the paper"
         lines.append(f"| {claim} | {test} | {_nanmean(a):.3f} vs {_nanmean(b):.3f}, Δ {mean:+.3f} {ci}, {ahead} "
-                     f"| {float(pa):.2f} vs {float(pb):.2f} | **{v}** |")
+                     f"| {width} | {paper} | **{v}** |")
     return lines
 
 
 def _table1(results, sizes):
+    stand = (f"study sizes {sizes[0]} and {sizes[1]} stand for the paper's 512 and 1024" if len(sizes) > 1 else
+             f"study size {sizes[0]} stands for the paper's 512; the second resolution was not run")
     lines = ["## Table 1: MSA setups, Acc at T(IoU) = 0.3, all boxes in B", "",
-             f"H_1 of the trained classifier (no AM fine-tuning); study sizes {sizes[0]} and {sizes[1]} "
-             "stand for the paper's 512 and 1024.", ""] + _header("method")
-    for level, s, ps in (("low", sizes[0], 512), ("high", sizes[1], 1024)):
+             f"H_1 of the trained classifier (no AM fine-tuning); {stand}.", ""] + _header("method")
+    for level, s, ps in zip(("low", "high"), sizes, (512, 1024)):
         for msa in ("none", "bilinear", "deconv"):
             lines.append(_row(f"{s}-{MSA_NAMES[msa]}", _t1(results, s, msa)))
             lines.append(_row(f"*paper {ps}-{MSA_NAMES[msa]}*", PAPER_T1[level, msa], paper=True))
@@ -232,6 +257,23 @@ def _table3(results):
         lines.append(_row("diagnostic: KP, t = 3, each H_t min-max normalised before (8)",
                           _t3(results, "am-full", "normalised", i)))
         lines.append("")
+    return lines
+
+
+def _lesion_table(results):
+    lines = ["## Lesion by lesion (am-full): every box of an image counts, no AFP bound", "",
+             "Recall: share of ground-truth boxes that some box of their image overlaps by the cut, for "
+             "images with two or more boxes of the class (multi) and with one (single). Extent IoU: the best "
+             "IoU of an image's boxes with each ground-truth box, mean over the 6 classes whose findings "
+             "spread. Mean ± sd over seeds.", "",
+             "| method | " + " | ".join(f"recall {c}: multi / single" for c in LESION_CUTS) + " | extent IoU |",
+             "|" + "---|" * (len(LESION_CUTS) + 2)]
+    for method, label in (("baseline", "H_1 (t = 1)"), ("am", "H_f (t = 3)")):
+        cells = [f"{_pm(_lesions(results, 'am-full', method, lambda n: n['recall'][c]['multi']))} / "
+                 f"{_pm(_lesions(results, 'am-full', method, lambda n: n['recall'][c]['single']))}"
+                 for c in LESION_CUTS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
+                     + _pm(_lesions(results, "am-full", method, lambda n: n["extent_iou_mean"])) + " |")
     return lines
 
 
@@ -282,6 +324,6 @@ def markdown(results, meta, notes=None):
         lines += ["## What we found", "", notes.strip(), ""]
     if f"t1-none-{sizes[0]}" in results:
         lines += _table1(results, sizes) + [""]
-    lines += (_table2(results) + _table3(results) + _peaks(results) + [""]
+    lines += (_table2(results) + _table3(results) + _lesion_table(results) + [""] + _peaks(results) + [""]
               + cost + [""])
     return "\n".join(lines)
