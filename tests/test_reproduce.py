@@ -42,7 +42,7 @@ def test_the_study_writes_three_tables_a_verdict_per_claim_and_the_notes(study):
     assert len([r for r in rows if r.startswith("| Table")]) == 13 and len(rows) == 13 + 4, rows
     assert all(line.rstrip(" |").endswith(tuple(f"**{v}**" for v in VERDICTS)) for line in rows), rows
     # Every interval's half-width is printed; the claims the paper does not make say so.
-    assert all(re.search(r"\| (\d\.\d{3}( \(> 0\.05\))?|n/a) \|", line) for line in rows), rows
+    assert all(re.search(r"\| (\d\.\d{3}( \(> 0\.05\))?|n/a) \| (\d+|n/a) \|", line) for line in rows), rows
     assert sum("not in the paper" in line for line in rows) == 4
     assert any(line.startswith("| Eq. (8) read with each H_t normalised") for line in rows)
     for heading in ("## Table 1", "## Table 2", "## Table 3", "## Lesion by lesion", "## Diagnostic", "## Cost",
@@ -69,7 +69,7 @@ def test_one_size_leaves_out_the_second_resolution_and_its_claim(data, study):
     assert reproduce.main(args) == 0
     assert reports(study) == before                    # every cell it needs was finished
     text = (study / "one-size.md").read_text()
-    assert "512 beats 1024" not in text and "96-" not in text
+    assert "512 beats 1024" not in text and "| 96-" not in text and "| 64-bilinear |" in text
     assert "study size 64 stands for the paper's 512; the second resolution was not run" in text
     assert "| 64-bilinear |" in text
 
@@ -137,6 +137,15 @@ def test_verdicts_follow_the_paired_interval():
     assert tables.verdict([0.5], [0.1])[0] == "within noise"
     v, mean, half = tables.verdict([0.3, 0.5, np.nan], [0.1, 0.2, 0.4])
     assert mean == pytest.approx(0.25) and half == pytest.approx(12.706 * 0.05, rel=1e-3)     # t(0.975, 1) · sd / √2
+
+
+def test_seeds_needed_is_the_least_count_whose_interval_fits():
+    a, b = [0.5, 0.6, 0.7, 0.4], [0.4, 0.4, 0.4, 0.4]               # d: sd 0.129
+    n = tables.seeds_needed(a, b, width=0.05)
+    t = lambda k: tables.stats.t.ppf(0.975, k - 1) * np.std(np.subtract(a, b), ddof=1) / np.sqrt(k)
+    assert t(n) <= 0.05 < t(n - 1) and n == 29
+    assert tables.seeds_needed([0.5, 0.5], [0.1, 0.1]) == 2               # no spread: two seeds do
+    assert tables.seeds_needed([0.5], [0.1]) is None
 
 
 def test_the_transcribed_ref_rows_are_the_metric_afp_bounds():

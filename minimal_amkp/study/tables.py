@@ -104,6 +104,21 @@ def verdict(a, b):
     return "within noise", mean, half
 
 
+def seeds_needed(a, b, width=None):
+    """Seeds the paired 95% interval of a - b would need to be ±width or narrower, at the spread
+    the seeds measured here: the least n >= 2 with t(0.975, n - 1)·sd/√n <= width. None when
+    fewer than 2 seeds measured it."""
+    width = WIDE if width is None else width
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size < 2:
+        return None
+    sd, n = float(d.std(ddof=1)), 2
+    while stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > width:
+        n += 1
+    return n
+
+
 def _pm(values):
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -200,16 +215,17 @@ def claims(results, sizes):
 
 
 def _verdict_table(results, sizes):
-    lines = ["| claim | tested on the study as | study: a vs b, Δ [95% CI] | interval ± | paper: a vs b | verdict |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| claim | tested on the study as | study: a vs b, Δ [95% CI] | interval ± | seeds for ±0.05 "
+             "| paper: a vs b | verdict |", "|---|---|---|---|---|---|---|"]
     for claim, test, a, b, pa, pb in claims(results, sizes):
         v, mean, half = verdict(a, b)
         ci = f"[{mean - half:+.3f}, {mean + half:+.3f}]" if math.isfinite(half) else "(one seed)"
         width = f"{half:.3f}" + (" (> 0.05)" if half > WIDE else "") if math.isfinite(half) else "n/a"
         ahead = f"a > b in {int(np.sum(np.asarray(a) > np.asarray(b)))} of {len(a)} seeds"
         paper = f"{float(pa):.2f} vs {float(pb):.2f}" if math.isfinite(pa) else "not in the paper"
+        need = seeds_needed(a, b)
         lines.append(f"| {claim} | {test} | {_nanmean(a):.3f} vs {_nanmean(b):.3f}, Δ {mean:+.3f} {ci}, {ahead} "
-                     f"| {width} | {paper} | **{v}** |")
+                     f"| {width} | {'n/a' if need is None else need} | {paper} | **{v}** |")
     return lines
 
 
