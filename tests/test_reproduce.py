@@ -103,8 +103,10 @@ def test_a_forked_cell_equals_the_run_it_stands_for(data, study, tmp_path):
 
 def test_the_paper_preset_studies_512_and_1024_on_the_given_folder(data):
     study, given = reproduce.parse(["--preset", "paper", "--data", data])
-    assert study.sizes == (512, 1024) and study.seeds == (0, 1, 2)
+    assert study.sizes == (512, 1024) and study.seeds == (0, 1, 2, 3, 4, 5)
     assert given[-4:] == ["--preset", "paper", "--data", data]
+    study, _ = reproduce.parse(["--data", data])                 # tiny: the measured study, one size
+    assert study.sizes == (128,) and study.seeds == (0, 1, 2, 3, 4, 5)
 
 
 def test_the_no_msa_baseline_trains_as_many_epochs_as_resnet_msa():
