@@ -28,13 +28,17 @@ class Phase(enum.Enum):
     MINE = "mine"
 
 
+def epochs(cfg):
+    """{phase: its epochs} of the classification phases, from TrainConfig."""
+    t = cfg.train
+    return {Phase.BASE: t.base_epochs, Phase.MSA_FROZEN: t.msa_frozen_epochs, Phase.MSA: t.msa_epochs}
+
+
 def plan(cfg):
     """[(phase, epochs)]: the classification phases before mining. A checkpoint says how far
     along this list a run got; index len(plan) is attention mining."""
-    phases = [(Phase.BASE, cfg.train.base_epochs)]
-    if cfg.model.msa != "none":
-        phases += [(Phase.MSA_FROZEN, cfg.train.msa_frozen_epochs), (Phase.MSA, cfg.train.msa_epochs)]
-    return phases
+    phases = [Phase.BASE] + ([Phase.MSA_FROZEN, Phase.MSA] if cfg.model.msa != "none" else [])
+    return [(p, epochs(cfg)[p]) for p in phases]
 
 
 def shift(images, rng, train, whole, runner):
@@ -100,8 +104,7 @@ def classification_epoch(model, opt, phase, images, cfg, epoch, runner):
     batches = chunks(order(seed, phase.value, epoch, len(images)), cfg.train.batch_size)
     runner.check_split([len(b) for b in batches], "--train.batch-size")
     rng = np.random.default_rng([seed, zlib.crc32(phase.value.encode()), epoch, 1])
-    epochs = {Phase.BASE: cfg.train.base_epochs, Phase.MSA_FROZEN: cfg.train.msa_frozen_epochs,
-              Phase.MSA: cfg.train.msa_epochs}[phase]
+    total = epochs(cfg)[phase]
 
     def loss_fn(idx):
         local = runner.shard(idx)                          # this process's slice of the minibatch
@@ -112,5 +115,5 @@ def classification_epoch(model, opt, phase, images, cfg, epoch, runner):
         return runner.share(len(local), len(idx)) * ops.classification_loss(logits, y)
 
     return run_epoch(model, opt, [(len(b), b) for b in batches], loss_fn,
-                     lambda i: lr_at(cfg.train.lr, epoch * len(batches) + i, epochs * len(batches)),
-                     f"{phase.value} epoch {epoch + 1}/{epochs}", runner)
+                     lambda i: lr_at(cfg.train.lr, epoch * len(batches) + i, total * len(batches)),
+                     f"{phase.value} epoch {epoch + 1}/{total}", runner)

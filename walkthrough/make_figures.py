@@ -96,7 +96,7 @@ def ensure_run(run):
     return path
 
 
-def pick_cases(ds, names, labels, cams, masks):
+def pick_cases(ds, names, labels, cams, h_f):
     """The two cases the walkthrough shows, by the rule §9 states: of the maps (mining image,
     labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
     most over those of H_1 and the one where they lose most, by the report's measure
@@ -104,7 +104,7 @@ def pick_cases(ds, names, labels, cams, masks):
     go to the first image, then class. -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
     frames = [frame(ds, n) for n in names]
     base = harvest(cams[0], names, labels, frames)
-    am = harvest(R.fuse_heatmaps(list(cams), list(masks)), names, labels, frames)
+    am = harvest(h_f, names, labels, frames)
     gt = ground_truth(names, ds.boxes)
     multi = [(g, i, c) for (c, i), g in gains(base, am, names, gt).items() if len(gt[c][names[i]]) >= 2]
     if not multi:
@@ -153,7 +153,7 @@ def mining_figures(run):
     summary = mining_summary(labels, cams, masks, h_f)
     print(f"make_figures: {run}: {summary}")
     return [case_figures(ds, names, cams, masks, h_f, summary, *case)
-            for case in pick_cases(ds, names, labels, cams, masks)]
+            for case in pick_cases(ds, names, labels, cams, h_f)]
 
 
 def case_figures(ds, names, cams, masks, h_f, summary, i, c, gain, gt, base, am):

@@ -262,7 +262,8 @@ def start_from_classifier(cfg, model, data):
 
 
 def run(cfg, resume=False, overwrite=False, given=None):
-    """The whole job for a validated Config -> its report (report.json's dict).
+    """The whole job for a validated Config -> its report (report.json's dict, plus `skipped`:
+    how many images --skip-bad-images dropped, for the run's last line).
 
     resume continues the run in cfg.run.out, overwrite replaces it (never both); given: the
     options the user gave (cli.parse), which win over the stored settings on resume.
