@@ -66,6 +66,7 @@ class MineConfig:
     level_off: float = 0.02                # a round ends when an epoch lowers its erased-image loss by less
     batch_size: int = 64                   # N
     lr: float = 0.01
+    warmup: int = 0                        # steps of linear warm-up to lr at the start of mining
     kp: str = "full"                       # full | vanilla | none (Sec. 2.2, Table 3)
     fraction: float = 0.125                # n/N, the erased share of a minibatch
     lam: float = 0.5                       # λ of eq. (6)
@@ -159,6 +160,7 @@ def validate(cfg):
         (finite(t.shift) and 0 <= t.shift < 0.5, f"--train.shift must lie in [0, 0.5) (a fraction of S), got {t.shift}"),
         (finite(t.zoom) and 0 <= t.zoom < 0.5, f"--train.zoom must lie in [0, 0.5), got {t.zoom}"),
         (k.min_epochs >= 0, f"--mine.min-epochs must be >= 0, got {k.min_epochs}"),
+        (k.warmup >= 0, f"--mine.warmup must be >= 0 steps, got {k.warmup}"),
         (finite(k.level_off) and k.level_off >= 0, f"--mine.level-off must be >= 0, got {k.level_off}"),
         (0 < k.fraction < 1, "--mine.fraction (n/N) must lie strictly between 0 and 1"),
         (finite(k.lam) and k.lam >= 0, f"--mine.lam must be >= 0, got {k.lam}"),

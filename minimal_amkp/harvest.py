@@ -10,12 +10,14 @@ the PNG's own size, read from its header (data.images.frame); Data_Entry's
 OriginalImage[Width,Height] is the scan before NIH resized it to 1024 px and is NOT the boxes'
 frame (the phantom writes equal values).
 
-Pixel-centre convention (that of PIL resize and torch interpolate(align_corners=False)):
-the h×w map covers the S×S model input, which is the W×H PNG resized, so map cell (r, c) is
-the value at the centre of the PNG rectangle [c W/w, (c+1) W/w) × [r H/h, (r+1) H/h). PNG
-pixel X spans [X, X+1), centre X + 0.5, and is sampled at map coordinate (X + 0.5) w/W − 0.5
-(clamped to the edge cells). The reference boxes pixel columns x0..x1 as (x0, ·, x1 − x0 + 1, ·),
-so a harvested box is in exactly the coordinates of BBox_List_2017.csv, inside [0, W] × [0, H].
+Cell geometry (reference.geometry): a map cell is placed where the network looks, at its
+receptive-field centre, not at the centre of the image tile it would cover under a plain resize.
+mining["grid"] = (stride, offset, S) puts cell (r, c) of the h×w map at model-input pixel
+(stride·c + offset, stride·r + offset), and the S×S input is the W×H PNG resized, so at PNG
+(x · W/S, y · H/S). PNG pixel X spans [X, X+1), centre X + 0.5, and reads the map bilinearly at
+that point (beyond the outermost cell centres, the edge cells' values). The reference boxes
+pixel columns x0..x1 as (x0, ·, x1 − x0 + 1, ·), so a harvested box is in exactly the
+coordinates of BBox_List_2017.csv, inside [0, W] × [0, H].
 """
 import numpy as np
 
@@ -25,8 +27,8 @@ from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 
 
 def check_mining(mining, ds=None):
-    """Validate the mining dict; return (names, labels (n, 14), cams, masks (T, n, 8, h, w), S)."""
-    missing = [k for k in ("names", "labels", "cams", "masks", "image_size") if k not in mining]
+    """Validate the mining dict; return (names, labels (n, 14), cams, masks (T, n, 8, h, w), S, grid)."""
+    missing = [k for k in ("names", "labels", "cams", "masks", "image_size", "grid") if k not in mining]
     if missing:
         raise ValueError(f"mining: missing keys {missing}")
     names = list(mining["names"])
@@ -45,11 +47,17 @@ def check_mining(mining, ds=None):
     if isinstance(size, np.ndarray) and size.ndim == 0:         # as np.load gives it back
         size = size[()]
     size = positive_int("mining['image_size']", size)
+    try:
+        grid = R.check_grid(mining["grid"])
+    except ValueError as e:
+        raise ValueError(f"mining['grid']: {e}") from None
+    if grid.size != size:
+        raise ValueError(f"mining['grid'] is for a {grid.size:g}-px input, mining['image_size'] is {size}")
     if ds is not None:
         unknown = [x for x in names if x not in ds.entries]
         if unknown:
             raise ValueError(f"mining['names']: {len(unknown)} not in the dataset, e.g. {unknown[0]!r}")
-    return names, labels, cams, masks, size
+    return names, labels, cams, masks, size, grid
 
 
 def fused(cams, masks):
@@ -57,36 +65,27 @@ def fused(cams, masks):
     return R.fuse_heatmaps(list(cams), list(masks))
 
 
-def bilinear_matrix(n_out, n_in):
-    """(n_out, n_in) weights A with up = A @ v: bilinear under the pixel-centre convention above."""
-    src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    i0 = np.floor(src).astype(int)
-    frac = src - i0
-    a = np.zeros((n_out, n_in))
-    np.add.at(a, (np.arange(n_out), i0), 1 - frac)
-    np.add.at(a, (np.arange(n_out), np.minimum(i0 + 1, n_in - 1)), frac)
-    return a
+def upsample(h, width, height, grid):
+    """Bilinear resize of a map (h, w) laid on `grid` to a (height, width) frame spanning the
+    model input; separable: rows, then columns."""
+    return R.resize(R.resize(h, height, grid, axis=0), width, grid, axis=1)
 
 
-def upsample(h, width, height):
-    """Bilinear resize of a map (h, w) to (height, width); separable, so two matrix products."""
-    h = np.asarray(h, dtype=np.float64)
-    return bilinear_matrix(height, h.shape[0]) @ h @ bilinear_matrix(width, h.shape[1]).T
-
-
-def harvest(heatmaps, names, labels, frames, k=3):
+def harvest(heatmaps, names, labels, frames, grid, k=3):
     """Up to k ranked boxes per image and positive box class, in each image's frame, none
     narrower or lower than one heatmap cell there.
 
-    heatmaps (n, 8, h, w); labels (n, 14); frames: n (width, height). -> list[BBox] with score, rank.
+    heatmaps (n, 8, h, w) on `grid`; labels (n, 14); frames: n (width, height).
+    -> list[BBox] with score, rank.
     """
+    grid = R.check_grid(grid)
     out = []
     for i, name in enumerate(names):
         width, height = frames[i]
         for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
-            up = upsample(heatmaps[i, c], width, height)                     # (H, W)
+            up = upsample(heatmaps[i, c], width, height, grid)               # (H, W)
             # No box thinner than one heatmap cell: the map cannot place an edge more finely.
-            cell = (max(1.0, width / heatmaps.shape[3]), max(1.0, height / heatmaps.shape[2]))
+            cell = (max(1.0, grid.stride * width / grid.size), max(1.0, grid.stride * height / grid.size))
             for r, (x, y, w, h, s) in enumerate(R.boxes_from_heatmap(up, k=k, min_size=cell), start=1):
                 out.append(BBox(name, int(c), float(x), float(y), float(w), float(h), float(s), r))
     return out

@@ -18,11 +18,17 @@ are used. Each round leaves a record (ROUND_RECORD) so a report can show what mi
 Our choices where the paper is silent:
 - A round ends when an epoch lowers the erased-image loss (`erased_loss`: −log σ(z_c) of every
   mining image's labelled box classes under M_{t-1}, eval mode) by less than `mine.level_off`
-  of its value, after at least `mine.min_epochs` and at most `mine.epochs` epochs.
-- One optimizer serves all T rounds at the constant rate `mine.lr`: its moments carry over
-  from round to round and no round restarts a warm-up or a decay. A round's length is decided
-  by the criterion above, so a schedule tied to a fixed length would not fit, and a restarted
-  warm-up spends the first steps of every round at a rate too low to move N_B.
+  of its value, after at least `mine.min_epochs` and at most `mine.epochs` epochs; an epoch that
+  raises it is no plateau (leveled_off).
+- Each round records the gradient norm of each part of loss (6) on its first minibatch
+  (term_norms): the erased positives, the rest of L_cls and λ·L_KP, so a report shows whether
+  the attention-mining signal is swamped.
+- One optimizer serves all T rounds: a linear warm-up over the first `mine.warmup` steps of
+  mining, then the constant rate `mine.lr`; its moments carry over from round to round and no
+  round restarts a warm-up or a decay. A round's length is decided by the criterion above, so
+  a schedule tied to a fixed length would not fit. The warm-up is there because a fresh
+  optimizer's first steps at full rate shake a converged classifier (a new AdamW moves every
+  weight by about lr per step, whatever its gradient).
 
 KP modes, our reading of Sec. 2.2 (the paper does not spell out the batch recipe):
     full     each minibatch of N holds n = N·fraction mining images with erased maps and
@@ -94,31 +100,83 @@ def batch_masks(m8, classes):
     return torch.cat([m8, pad], dim=1)
 
 
-def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
-    """Eq. (6) on one minibatch whose first n_erased images carry masks m[:n_erased].
+def am_terms(model, model_a, x, m, n_erased, kp):
+    """N_B's logits and L_KP (eqs. 4-5; None unless kp is "full" and some images are whole) on
+    one minibatch whose first n_erased images carry masks m[:n_erased].
 
-    `model` is N_B or a callable running it (DDP); x (N, 1, S, S), y (N, 14), m (N, 14, h, w)
-    -> (L, L_cls, L_KP or None).
+    `model` is N_B or a callable running it (DDP); x (N, 1, S, S), m (N, 14, h, w)
+    -> (logits (N, 14), L_KP or None).
     """
     if kp != "full" or n_erased == x.shape[0]:
-        l_cls = ops.classification_loss(model(x, m).logits, y)
-        return l_cls, l_cls, None
+        return model(x, m).logits, None
     with torch.no_grad():
         a = model_a(x)                  # the whole minibatch: the same batch-norm statistics as N_B
     # The logits and the KP term at X come from one op (ops.am_step), so backward writes dX once.
     out, l_kp_x = model(x, m, (a.x[n_erased:], n_erased))
-    l_cls = ops.classification_loss(out.logits, y)
     layers = [(a.penultimate, out.penultimate), (a.logits, out.logits)]
     if model_a.msa is not None:              # without MSA, X is X_k and l_kp_x is its term
         layers.insert(1, (a.last, out.last))
     l_kp = ops.kp_loss([(fa[n_erased:], fb[n_erased:]) for fa, fb in layers], [l_kp_x], backend=model_a.backend)
-    return ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp
+    return out.logits, l_kp
 
 
-def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, runner):
-    """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1}.
+def am_loss(model, model_a, x, y, m, n_erased, kp, lam):
+    """Eq. (6) on one minibatch (am_terms; y (N, 14)) -> (L, L_cls, L_KP or None)."""
+    logits, l_kp = am_terms(model, model_a, x, m, n_erased, kp)
+    l_cls = ops.classification_loss(logits, y)
+    return (l_cls, l_cls, None) if l_kp is None else (ops.total_loss(l_cls, l_kp, lam), l_cls, l_kp)
 
-    -> (mean loss, mean λ·L_KP / L_cls over its steps, None without KP)."""
+
+def term_norms(model, model_a, x, y, m, n_erased, k):
+    """‖∇_θ‖ of the three parts of loss (6) on one minibatch (am_terms' arguments, MineConfig k):
+    "am", the share of L_cls from the first n_erased images' positive box classes (the erased
+    positives: what attention mining learns from); "cls", the rest of L_cls; "kp", λ·L_KP (None
+    without it). Their sum is L. Batch-norm running statistics are left as they were."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    logits, l_kp = am_terms(model, model_a, x, m, n_erased, k.kp)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y, reduction="none")  # (N, 14)
+    erased = torch.zeros_like(bce, dtype=torch.bool)
+    erased[:n_erased, :B] = y[:n_erased, :B] > 0
+    terms = dict(am=bce[erased].sum() / bce.numel(), cls=bce[~erased].sum() / bce.numel(),
+                 kp=None if l_kp is None else k.lam * l_kp)
+
+    def norm(term):
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+    out = {name: None if t is None else norm(t) for name, t in terms.items()}
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    return out
+
+
+def minibatch(idx, mining, train, masks, runner):
+    """This process's slice of one mining minibatch idx = (mining positions, train_val positions)
+    -> x (n, 1, S, S), y (n, 14), m (n, 14, h, w) float32 (the train_val images' all ones) on
+    the runner's device, and how many of them are erased mining images."""
+    mi, ti = (runner.shard(i) for i in idx)
+    xm, ym = mining.batch(mi)
+    m = batch_masks(masks[torch.as_tensor(mi)], ym.shape[1])
+    if len(ti):
+        xt, yt = train.batch(ti)
+        xm, ym = torch.cat([xm, xt]), torch.cat([ym, yt])
+        m = torch.cat([m, torch.ones(len(ti), *m.shape[1:], dtype=m.dtype)])
+    device = runner.device
+    return to_device(xm, device), ym.to(device), m.to(device, torch.float32), len(mi)
+
+
+def mining_lr(k, step):
+    """The rate of mining's step `step` (0-based, counted over all rounds): a linear warm-up over
+    k.warmup steps to k.lr, then constant (our choice; module docstring)."""
+    return k.lr * min(1.0, (step + 1) / max(k.warmup, 1))
+
+
+def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, runner, step=0):
+    """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1};
+    step: mining steps taken before this epoch (the warm-up, mining_lr).
+
+    -> (mean loss, mean λ·L_KP / L_cls over its steps (None without KP), steps taken)."""
     k, device = cfg.mine, runner.device
     set_phase(model, Phase.MINE)
     net = runner.replicate(model)
@@ -130,27 +188,32 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
     ratios = []
 
     def loss_fn(idx):
-        mi, ti = (runner.shard(i) for i in idx)           # this process's slice of each kind
-        xm, ym = mining.batch(mi)
-        m = batch_masks(masks[torch.as_tensor(mi)], ym.shape[1])
-        if len(ti):
-            xt, yt = train.batch(ti)
-            xm, ym = torch.cat([xm, xt]), torch.cat([ym, yt])
-            m = torch.cat([m, torch.ones(len(ti), *m.shape[1:], dtype=m.dtype)])
+        x, y, m, n = minibatch(idx, mining, train, masks, runner)      # this process's slice
         with autocast(device):
-            _, l_cls, l_kp = am_loss(net, model_a, to_device(xm, device), ym.to(device),
-                                     m.to(device, torch.float32), len(mi), k.kp, k.lam)
+            _, l_cls, l_kp = am_loss(net, model_a, x, y, m, n, k.kp, k.lam)
         # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).
-        l_cls = runner.share(len(mi) + len(ti), sum(map(len, idx))) * l_cls
+        l_cls = runner.share(len(x), sum(map(len, idx))) * l_cls
         if l_kp is None:
             return l_cls
-        l_kp = runner.share(len(ti), len(idx[1])) * l_kp
+        l_kp = runner.share(len(x) - n, len(idx[1])) * l_kp
         ratios.append(runner.average(k.lam * l_kp) / runner.average(l_cls))
         return ops.total_loss(l_cls, l_kp, k.lam)
 
     loss = run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn,
-                     lambda i: k.lr, f"AM round {round_}/{k.rounds} epoch {epoch + 1}", runner)
-    return loss, (float(np.mean(ratios)) if ratios else None)
+                     lambda i: mining_lr(k, step + i), f"AM round {round_}/{k.rounds} epoch {epoch + 1}", runner)
+    return loss, (float(np.mean(ratios)) if ratios else None), len(batches)
+
+
+def round_norms(model, model_a, mining, train, masks, cfg, round_, runner):
+    """term_norms on the first minibatch of round `round_` under M_{t-1} (its training mode)."""
+    k = cfg.mine
+    first = mining_batches(k, len(mining), len(train), cfg.run.seed, round_, 0)[:1]
+    if not first:
+        return dict(am=None, cls=None, kp=None)
+    set_phase(model, Phase.MINE)
+    x, y, m, n = minibatch(first[0], mining, train, masks, runner)
+    with autocast(runner.device):
+        return term_norms(model, model_a, x, y, m, n, k)
 
 
 def compute_cams(model, mining, masks, batch_size, label, runner):
@@ -210,6 +273,9 @@ ROUND_RECORD = {
     "loss_before": "−log σ(z_c) of the mining images' labelled box classes erased by M_{t-1}, before the round",
     "loss_after": "the same after the round",
     "kp_ratio": "mean λ·L_KP / L_cls over the round's steps (the paper wants about 1/2)",
+    "grad_am": "‖∇θ‖ of the erased positives' share of L_cls, on the round's first minibatch before it trains",
+    "grad_cls": "‖∇θ‖ of the rest of L_cls, the same minibatch",
+    "grad_kp": "‖∇θ‖ of λ·L_KP, the same minibatch (none without KP)",
     "auroc_b": "box-class test AUROC of N_B after the round",
     "auroc_a": "box-class test AUROC of N_A, the classifier before mining",
     "movement": "‖H_t − H_1 ⊙ M_{t-1}‖ / ‖H_1 ⊙ M_{t-1}‖ over the labelled maps (0: frozen)",
@@ -233,7 +299,7 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
     model_a = frozen_copy(model)
     if state is None:
         h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
-        state = dict(round=1, epoch=0, losses=[], ratios=[], records=[], cams=[], optimizer=None,
+        state = dict(round=1, epoch=0, steps=0, norms=None, losses=[], ratios=[], records=[], cams=[], optimizer=None,
                      masks=[torch.ones(len(mining), B, h, h, dtype=torch.uint8)],
                      auroc_a=box_auroc(model, test, batch, runner), model_a=None)
         runner.broadcast_module(model_a)
@@ -254,9 +320,12 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
         t, masks = state["round"], state["masks"][-1]
         if not state["losses"]:
             state["losses"].append(erased_loss(model, mining, masks, batch, runner))
+            state["norms"] = round_norms(model, model_a, mining, train, masks, cfg, t, runner)
         while not leveled_off(state["losses"], k):
-            _, ratio = mine_epoch(model, model_a, opt, mining, train, masks, cfg, t, state["epoch"], runner)
+            _, ratio, steps = mine_epoch(model, model_a, opt, mining, train, masks, cfg, t, state["epoch"], runner,
+                                         state["steps"])
             state["epoch"] += 1
+            state["steps"] += steps
             state["ratios"].append(ratio)
             state["losses"].append(erased_loss(model, mining, masks, batch, runner))
             state["optimizer"] = opt.state_dict()
@@ -269,13 +338,14 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
         state["records"].append(dict(
             t=t, epochs=state["epoch"], loss_before=state["losses"][0], loss_after=state["losses"][-1],
             kp_ratio=float(np.mean(ratios)) if ratios else None,
+            **{f"grad_{name}": v for name, v in state["norms"].items()},
             auroc_b=box_auroc(model, test, batch, runner), auroc_a=state["auroc_a"],
             movement=movement(state["cams"][-1].numpy(), state["cams"][0].numpy(), masks.numpy(), labels)
             if t > 1 else None))
         if t < k.rounds:
             state["masks"].append(runner.gather(next_masks(h_t, masks[rows], mining.labels[rows],
                                                                 k.threshold)))
-        state.update(round=t + 1, epoch=0, losses=[], ratios=[])
+        state.update(round=t + 1, epoch=0, losses=[], ratios=[], norms=None)
         if save:
             save(state)
     return dict(cams=torch.stack(state["cams"]), masks=torch.stack(state["masks"]), records=state["records"])
@@ -283,16 +353,18 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
 
 def leveled_off(losses, k):
     """Whether a round is done: losses[0] before it, losses[e] after its epoch e. Done after
-    k.epochs epochs, or once k.min_epochs are done and the last epoch lowered the loss by less
-    than k.level_off of its previous value."""
+    k.epochs epochs, or once k.min_epochs are done and the last epoch lowered the loss, but by
+    less than k.level_off of its previous value. A rise is not a plateau: the round goes on
+    (up to the cap), since the first steps of a round may well undo some of the last round's
+    fit before they fit the new masks."""
     epochs = len(losses) - 1
     if epochs >= k.epochs:
         return True
     if epochs < max(k.min_epochs, 1):
         return False
     before, after = losses[-2], losses[-1]
-    return before - after < k.level_off * abs(before)
+    return 0 <= before - after < k.level_off * abs(before)
 
 
-STATE_KEYS = ("round", "epoch", "losses", "ratios", "records", "cams", "masks", "optimizer", "auroc_a",
+STATE_KEYS = ("round", "epoch", "steps", "norms", "losses", "ratios", "records", "cams", "masks", "optimizer", "auroc_a",
               "model_a")

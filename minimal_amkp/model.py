@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimal_amkp import ops
+from minimal_amkp import reference as R
 from minimal_amkp.classes import CLASSES
 from minimal_amkp.config import RunError
 
@@ -58,11 +59,25 @@ def _conv_bn_relu(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def upsample2(a, h, w):
+    """×2 bilinear upsampling whose output j reads input j/2, cropped to (h, w) (our choice).
+
+    interpolate(align_corners=False) reads j/2 − 1/4, which centres the upsampled X_k a quarter
+    of its cell up and left of X_{k-1}'s cells (reference.geometry); reading j/2 keeps both
+    paths of MSA on one grid. align_corners=True from n + 1 samples (the edge repeated) to
+    2n + 1 reads exactly j·n/(2n) = j/2, and the repeated edge clamps the last odd j.
+    """
+    n_h, n_w = a.shape[-2:]
+    a = F.pad(a, (0, 1, 0, 1), mode="replicate")
+    return F.interpolate(a, size=(2 * n_h + 1, 2 * n_w + 1), mode="bilinear", align_corners=True)[..., :h, :w]
+
+
 class MSA(nn.Module):
     """Sec. 2.3: X = [up×2(conv1×1(X_k)), conv1×1(X_{k-1})], the last two stages' outputs.
 
     BN + ReLU after each conv is our choice (the paper is silent): it keeps X non-negative, so
-    that erasing (zeroing) a region removes evidence rather than adding some.
+    that erasing (zeroing) a region removes evidence rather than adding some. Bilinear
+    upsampling is phase-aligned (upsample2), so X has one grid (map_grid).
     """
 
     def __init__(self, c3, c4, out4, out3, upsample):
@@ -80,7 +95,7 @@ class MSA(nn.Module):
         if self.upsample == "deconv":
             a = self.deconv(a)[..., :h, :w]            # odd X_{k-1} sizes: 2·ceil(h/2) may exceed h
         else:
-            a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
+            a = upsample2(a, h, w)
         return torch.cat([a, self.reduce3(x3)], dim=1)
 
 
@@ -200,6 +215,35 @@ def map_size(image_size, msa, stages=4):
     for _ in range(stages + (msa == "none")):
         h = (h - 1) // 2 + 1
     return h
+
+
+def _window(mod):
+    """(kernel, stride, padding) of a square conv or pooling layer."""
+    k, s, p = (v if isinstance(v, int) else v[0] for v in (mod.kernel_size, mod.stride, mod.padding))
+    if any(not isinstance(v, int) and len(set(v)) > 1 for v in (mod.kernel_size, mod.stride, mod.padding)):
+        raise ValueError(f"{type(mod).__name__}: map_grid needs square windows")
+    return k, s, p
+
+
+def map_grid(model, image_size):
+    """Where X's cells look (reference.geometry): Grid(stride, offset, image_size) in input
+    pixels, composed from the model's own layers: the stem (conv1, max-pool), every block's
+    three convs (checked against its downsample path, which the sum must agree with) and, with
+    MSA, X_k's path upsampled ×2 onto X_{k-1}'s grid (checked to coincide)."""
+    layers, grids = [_window(model.conv1), _window(model.maxpool)], []
+    for stage in model.stages:
+        for block in stage:
+            main = [_window(c) for c in (block.conv1, block.conv2, block.conv3)]
+            if block.downsample is not None and R.compose(main) != R.compose([_window(block.downsample[0])]):
+                raise ValueError("map_grid: a block's residual and downsample paths centre differently")
+            layers += main
+        grids.append(R.compose(layers))
+    (s_prev, o_prev), (s_last, o_last) = grids[-2], grids[-1]
+    if model.msa is None:
+        return R.Grid(s_last, o_last, image_size)
+    if (s_last, o_last) != (2 * s_prev, o_prev):
+        raise ValueError(f"map_grid: MSA's paths lie on different grids ({s_prev}, {o_prev}) and ({s_last}, {o_last})")
+    return R.Grid(s_prev, o_prev, image_size)
 
 
 def load_init(model, path):

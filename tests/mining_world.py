@@ -36,7 +36,7 @@ def make_world(tmp_path, T=3, no_box_positive=True):
             labels[c] = 1
             img[y * CELL:(y + h) * CELL, x * CELL:(x + w) * CELL] += 120
             boxes.setdefault(name, []).append(BBox(name, c, x * CELL, y * CELL, w * CELL, h * CELL))
-            # The map cell grid covers the image; cell (r, q) of a MAP×MAP map spans wc/MAP PNG
+            # The plain-resize grid (reference.naive_grid) covers the image; cell (r, q) of a MAP×MAP map spans wc/MAP PNG
             # cells across, so the box is drawn where the map's cell centres fall inside it.
             cx = (np.arange(MAP) + 0.5) * wc / MAP
             cy = (np.arange(MAP) + 0.5) * hc / MAP
@@ -55,5 +55,6 @@ def make_world(tmp_path, T=3, no_box_positive=True):
         cams.append((base * masks[t]).astype(np.float32))
         masks.append(R.update_masks(cams[t], masks[t]).astype(np.uint8))
     mining = dict(names=names, labels=np.stack([entries[n].labels for n in names]),
-                  cams=np.stack(cams), masks=np.stack(masks[:T]), image_size=48)
+                  cams=np.stack(cams), masks=np.stack(masks[:T]), image_size=48,
+                  grid=np.array(R.naive_grid(MAP, 48)))
     return ds, mining

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 from mining_world import make_world
 
+from minimal_amkp import reference as R
 from minimal_amkp.run import figures as F
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.data.images import frame
@@ -77,9 +78,10 @@ def test_write_figures_names_and_sizes(tmp_path):
     names, labels = mining["names"], mining["labels"]
     frames = [frame(ds, n) for n in names]
     h_f = fused(mining["cams"], mining["masks"])
-    base, am = harvest(mining["cams"][0], names, labels, frames), harvest(h_f, names, labels, frames)
+    grid = mining["grid"]
+    base, am = harvest(mining["cams"][0], names, labels, frames, grid), harvest(h_f, names, labels, frames, grid)
     picks = [(0, 0, "most gained"), (3, 3, "most lost"), (1, 5, "most gained")]
-    paths = F.write_figures(tmp_path / "out", mining, ds, h_f, base, am, picks, panel=64)
+    paths = F.write_figures(tmp_path / "out", mining, ds, grid, h_f, base, am, picks, panel=64)
     assert paths == [os.path.join("figures", f"{BOX_CLASSES[c]}_{names[i][:-4]}.png") for c, i, _ in picks]
     T = mining["cams"].shape[0]
     for p in paths:
@@ -89,10 +91,17 @@ def test_write_figures_names_and_sizes(tmp_path):
 
 @pytest.mark.parametrize("h, p", [(8, 64), (7, 64), (16, 50), (1, 5), (5, 5)])
 def test_cells_takes_the_cell_under_each_pixel_centre(h, p):
+    """On the plain-resize grid a panel pixel takes the cell under its centre; on the network's
+    grid, the cell whose receptive-field centre is nearest."""
     m = np.arange(h * h).reshape(h, h)
-    got = F.cells(m, p)
     centre = np.floor((np.arange(p) + 0.5) * h / p).astype(int)
-    np.testing.assert_array_equal(got, m[np.ix_(centre, centre)])
+    np.testing.assert_array_equal(F.cells(m, p, R.naive_grid(h, 8 * h)), m[np.ix_(centre, centre)])
+    grid = R.Grid(8, 0.5, 8 * h)
+    distance = np.abs((np.arange(p) + 0.5)[:, None] - R.cell_centres(np.arange(h), grid, p)[None])  # (p, h)
+    got = F.cells(m, p, grid)                                             # (p, p) cell ids r·h + c
+    for axis, cell in ((0, got[:, 0] // h), (1, got[0] % h)):
+        far = np.flatnonzero(distance[np.arange(p), cell] > distance.min(1) + 1e-9)
+        assert far.size == 0, f"axis {axis}: pixel {far[:1]} takes cell {cell[far[:1]]}, not a nearest one"
 
 
 def test_figures_are_not_written_through_a_link_that_leaves_the_run_folder(tmp_path):
@@ -101,10 +110,10 @@ def test_figures_are_not_written_through_a_link_that_leaves_the_run_folder(tmp_p
     names, labels = mining["names"], mining["labels"]
     frames = [frame(ds, n) for n in names]
     h_f = fused(mining["cams"], mining["masks"])
-    base = harvest(mining["cams"][0], names, labels, frames)
+    base = harvest(mining["cams"][0], names, labels, frames, mining["grid"])
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "figures")
     with pytest.raises(RunError, match=r"out/figures/.*\.png: refusing to write outside .*out$"):
-        F.write_figures(tmp_path / "out", mining, ds, h_f, base, base, [(0, 0, "why")], panel=32)
+        F.write_figures(tmp_path / "out", mining, ds, mining["grid"], h_f, base, base, [(0, 0, "why")], panel=32)
     assert os.listdir(tmp_path / "elsewhere") == []

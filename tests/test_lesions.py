@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES, BBox
 from minimal_amkp.run.lesions import (EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
                                   peak_position, peaks_in_chest)
@@ -48,13 +49,15 @@ def test_peaks_in_chest_reads_the_peak_cells_centre():
     h = np.zeros((2, len(BOX_CLASSES), 4, 4))
     h[0, 0, 1, 2] = 1.0                                 # centre (0.625, 0.375): inside
     h[1, 1, 3, 0] = 1.0                                 # centre (0.125, 0.875): outside
-    assert peak_position(h[0, 0]) == (0.625, 0.375)
+    assert peak_position(h[0, 0], R.naive_grid(4, 64)) == (0.625, 0.375)
+    assert peak_position(h[0, 0], R.Grid(16, 0.5, 64)) == ((32 + 0.5) / 64, (16 + 0.5) / 64)
     chest = np.zeros((8, 8), bool)
     chest[1:6, 2:7] = True
     labels = np.zeros((2, 14), np.uint8)
     labels[0, 0] = labels[1, 1] = 1
-    assert peaks_in_chest(h, ["p", "q"], labels, {"p": chest, "q": chest}) == 0.5
-    assert peaks_in_chest(h, ["p", "q"], labels, None) is None
+    naive = R.naive_grid(4, 64)
+    assert peaks_in_chest(h, ["p", "q"], labels, {"p": chest, "q": chest}, naive) == 0.5
+    assert peaks_in_chest(h, ["p", "q"], labels, None, naive) is None
 
 
 def test_later_peaks_compare_the_learnt_round_with_a_frozen_network():
@@ -67,5 +70,5 @@ def test_later_peaks_compare_the_learnt_round_with_a_frozen_network():
     cams, masks = np.stack([h1, h2]), np.stack([np.ones_like(h1), m1])
     gt = [{"a": np.array([[0, 0, 10, 10], [30, 30, 10, 10]], float), "b": np.zeros((0, 4))}] + \
         [{"a": np.zeros((0, 4)), "b": np.zeros((0, 4))} for _ in range(7)]
-    got = later_peaks(cams, masks, ["a", "b"], [(40, 40), (40, 40)], gt)
+    got = later_peaks(cams, masks, ["a", "b"], [(40, 40), (40, 40)], gt, R.naive_grid(cams.shape[-1], 40))
     assert got == [dict(t=2, maps=1, learned=1.0, frozen=0.0)]

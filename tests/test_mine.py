@@ -6,8 +6,8 @@ import torch
 from minimal_amkp import reference as R
 from minimal_amkp.config import MineConfig, ModelConfig, preset
 from minimal_amkp.mine import (ROUND_RECORD, am_loss, attention_mining, batch_masks, compute_cams,
-                               frozen_copy, leveled_off, mine_epoch, mining_batches, movement,
-                               next_masks)
+                               frozen_copy, leveled_off, mine_epoch, mining_batches, mining_lr, movement,
+                               next_masks, term_norms)
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.classify import Phase, set_phase
 from minimal_amkp.loop import optimizer
@@ -108,6 +108,34 @@ def test_full_kp_is_zero_for_identical_networks_and_grows_as_n_b_drifts():
     assert l_kp.item() == pytest.approx(R.kp_loss(pairs), rel=1e-4)
 
 
+def test_term_norms_split_the_loss_and_leave_batch_norm_alone():
+    """The three gradient norms of loss (6): λ scales the KP one, no erased image zeroes the AM one,
+    KP-Vanilla has none; the batch-norm running statistics are not moved by measuring."""
+    cfg, model = micro()
+    model_a = frozen_copy(model)
+    opt = optimizer(set_phase(model, Phase.MINE), 0.05, cfg.train)
+    mine_epoch(model, model_a, opt, Memory(6, 1), Memory(24, 2), torch.ones(6, 8, H, H, dtype=torch.uint8),
+               cfg, 1, 0, Runner())
+    set_phase(model, Phase.MINE)
+    x, y, m = kp_batch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    k = cfg.mine
+    norms = term_norms(model, model_a, x, y, m, 2, k)
+    assert all(torch.equal(v, before[key]) for key, v in model.state_dict().items())
+    assert norms["am"] > 0 and norms["cls"] > 0 and norms["kp"] > 0, norms
+    k.lam *= 2
+    assert term_norms(model, model_a, x, y, m, 2, k)["kp"] == pytest.approx(2 * norms["kp"], rel=1e-5)
+    assert term_norms(model, model_a, x, y, m, 0, k)["am"] == 0.0
+    k.kp = "vanilla"
+    assert term_norms(model, model_a, x, y, m, 2, k)["kp"] is None
+
+
+@pytest.mark.parametrize("step, want", [(0, 0.025), (1, 0.05), (3, 0.1), (50, 0.1)])
+def test_mining_warms_up_then_holds(step, want):
+    assert mining_lr(MineConfig(lr=0.1, warmup=4), step) == pytest.approx(want)
+    assert mining_lr(MineConfig(lr=0.1, warmup=0), step) == 0.1
+
+
 @pytest.mark.parametrize("kp", ["vanilla", "none"])
 def test_vanilla_and_none_have_no_kp_term(kp):
     cfg, model = micro(kp)
@@ -188,7 +216,9 @@ def test_movement_by_hand():
     ([1.0, 0.99], False),               # min_epochs 2 not reached
     ([1.0, 0.9, 0.8], False),           # still falling by 11%
     ([1.0, 0.9, 0.89], True),           # fell by 1.1% < 2%
-    ([1.0, 0.9, 0.95], True),           # rose
+    ([1.0, 0.9, 0.95], False),          # rose: no plateau, go on
+    ([1.0, 1.1, 1.2, 1.3, 1.4], True),  # still rising after 4 epochs: the cap ends it
+    ([1.0, 0.9, 0.9], True),            # flat
     ([1.0, 0.5, 0.25, 0.12, 0.06], True),   # at most 4 epochs
 ])
 def test_a_round_ends_when_its_erased_loss_levels_off(losses, done):

@@ -82,7 +82,7 @@ def test_numbers_equal_reference(run):
     for i, n in enumerate(names):
         if len(gt[c][n]):
             w, h = frame(ds, n)
-            maps.append(upsample(mining["cams"][0, i, c], size, size))
+            maps.append(upsample(mining["cams"][0, i, c], size, size, mining["grid"]))
             boxes.append(gt[c][n] * np.array([size / w, size / h] * 2))
     want = json.loads(json.dumps(R.max_box_acc_v2(maps, boxes)))
     assert r["max_box_acc_v2"]["baseline"]["Cardiomegaly"] == want
@@ -104,7 +104,7 @@ def test_one_image_one_step(tmp_path):
     """N = 1 and T = 1: the prior has no other image to learn from, H_f is H_1."""
     ds, mining = make_world(tmp_path, T=1)
     one = dict(names=mining["names"][:1], labels=mining["labels"][:1], cams=mining["cams"][:, :1],
-               masks=mining["masks"][:, :1], image_size=48)
+               masks=mining["masks"][:, :1], image_size=48, grid=mining["grid"])
     r = write_report(tmp_path / "out", one, ds, make_test(m=5), {})
     assert r["T"] == 1 and r["n_mining_images"] == 1
     assert sum(r["n_boxes"]["prior"].values()) == 0 and r["summary"]["prior"] == 0.0  # GT, no boxes

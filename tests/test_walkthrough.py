@@ -152,7 +152,7 @@ def test_make_figures_rejects_a_broken_run_in_one_line(tmp_path):
     np.savez(tmp_path / "mining.npz", names=np.array(["a.png"]), labels=np.zeros((1, 14)))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"^make_figures: --run .*: mining: missing keys "
-                                         r"\['cams', 'masks', 'image_size'\]$"):
+                                         r"\['cams', 'masks', 'image_size', 'grid'\]$"):
         make_figures.main(["--run", str(tmp_path), "--out", str(tmp_path / "figures")])
     (tmp_path / "mining.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(SystemExit, match=r"^make_figures: --run .*: File is not a zip file$"):

@@ -51,7 +51,7 @@ def test_names_with_commas_and_quotes_round_trip_through_our_csv_writers(tmp_pat
 def test_boxes_csv_exact_and_round_trip(tmp_path):
     ds, mining = make_world(tmp_path)
     names = mining["names"]
-    boxes = harvest(mining["cams"][0], names, mining["labels"], [frame(ds, n) for n in names])
+    boxes = harvest(mining["cams"][0], names, mining["labels"], [frame(ds, n) for n in names], mining["grid"])
     path = tmp_path / "boxes.csv"
     wr.write_boxes_csv(path, boxes)
     lines = path.read_text().splitlines()

@@ -7,8 +7,10 @@
                        with the region erased before that round hatched
     fused.png          H_1 with the baseline's boxes beside H_f (eq. 8) with the AM boxes
     mining_rounds_loss.png, fused_loss.png   the same for the second case (pick_cases)
+    receptive_field.png  |∂X[cell] / ∂image| of one cell of the run's network on a noise image,
+                       its analytic centre (reference.geometry) against the plain-resize one
 
-The last two read DIR/mining.npz, the heatmaps and masks of an end-to-end run
+The mining figures read DIR/mining.npz, the heatmaps and masks of an end-to-end run
 `python -m minimal_amkp --out DIR` (tiny preset on the phantom by default). Without that file
 the run is made (or resumed) first, which takes minutes on a CPU.
 """
@@ -96,15 +98,15 @@ def ensure_run(run):
     return path
 
 
-def pick_cases(ds, names, labels, cams, h_f):
+def pick_cases(ds, names, labels, cams, h_f, grid):
     """The two cases the walkthrough shows, by the rule §9 states: of the maps (mining image,
     labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
     most over those of H_1 and the one where they lose most, by the report's measure
     (run.lesions.gains: mean over the ground-truth boxes of the best IoU, H_f's minus H_1's); ties
     go to the first image, then class. -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
     frames = [frame(ds, n) for n in names]
-    base = harvest(cams[0], names, labels, frames)
-    am = harvest(h_f, names, labels, frames)
+    base = harvest(cams[0], names, labels, frames, grid)
+    am = harvest(h_f, names, labels, frames, grid)
     gt = ground_truth(names, ds.boxes)
     multi = [(g, i, c) for (c, i), g in gains(base, am, names, gt).items() if len(gt[c][names[i]]) >= 2]
     if not multi:
@@ -131,7 +133,7 @@ def mining_summary(labels, cams, masks, h_f):
 
 
 def load_run(run):
-    """(names, labels, cams, masks, data set) of the finished run in `run`, checked."""
+    """(names, labels, cams, masks, data set, grid) of the finished run in `run`, checked."""
     path = ensure_run(run)
     try:
         with np.load(path) as f:
@@ -140,23 +142,23 @@ def load_run(run):
         with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
             cfg = from_dict(json.load(f))
         ds = read_dataset(cfg.run.data or phantom_root(cfg))
-        names, labels, cams, masks, _ = check_mining(mining, ds)
+        names, labels, cams, masks, _, grid = check_mining(mining, ds)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         sys.exit(f"make_figures: --run {run}: {e}")
-    return [str(n) for n in names], labels, cams.astype(np.float64), masks.astype(np.float64), ds
+    return [str(n) for n in names], labels, cams.astype(np.float64), masks.astype(np.float64), ds, grid
 
 
 def mining_figures(run):
     """[(mining_rounds, fused)] uint8 pictures of the two cases (pick_cases) of the run in `run`."""
-    names, labels, cams, masks, ds = load_run(run)                                   # (T, n, 8, h, w)
+    names, labels, cams, masks, ds, grid = load_run(run)                                   # (T, n, 8, h, w)
     h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
     summary = mining_summary(labels, cams, masks, h_f)
     print(f"make_figures: {run}: {summary}")
-    return [case_figures(ds, names, cams, masks, h_f, summary, *case)
-            for case in pick_cases(ds, names, labels, cams, h_f)]
+    return [case_figures(ds, grid, names, cams, masks, h_f, summary, *case)
+            for case in pick_cases(ds, names, labels, cams, h_f, grid)]
 
 
-def case_figures(ds, names, cams, masks, h_f, summary, i, c, gain, gt, base, am):
+def case_figures(ds, grid, names, cams, masks, h_f, summary, i, c, gain, gt, base, am):
     """(mining_rounds, fused) of map (i, c): the rounds over the X-ray, then H_1 and H_f with their boxes."""
     image, scaled = load_image(ds.image_path(names[i]), PANEL, np.concatenate([gt, base, am]))
     gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(base)]))
@@ -165,8 +167,8 @@ def case_figures(ds, names, cams, masks, h_f, summary, i, c, gain, gt, base, am)
     print(f"make_figures: {names[i]} {BOX_CLASSES[c]}: {len(gt)} ground-truth boxes, gain {gain:+.3f}")
 
     def heat(h, m=None):
-        return draw_boxes(overlay_heatmap(image, upsample(h, PANEL, PANEL),
-                                          None if m is None else cells(m, PANEL)), gt_p, RED)
+        return draw_boxes(overlay_heatmap(image, upsample(h, PANEL, PANEL, grid),
+                                          None if m is None else cells(m, PANEL, grid)), gt_p, RED)
 
     rounds = [draw_boxes(grey_rgb(image), gt_p, RED)]
     titles = ["X-ray, ground truth"]
@@ -179,6 +181,54 @@ def case_figures(ds, names, cams, masks, h_f, summary, i, c, gain, gt, base, am)
                   f"{title}  red = ground truth, green = harvested"))
 
 
+def cross(rgb, x, y, color, arm=6):
+    """Copy of rgb with a 3-px-wide cross at (x, y) in its pixel frame."""
+    im = Image.fromarray(rgb)
+    pen = ImageDraw.Draw(im)
+    pen.line([x - arm, y, x + arm, y], fill=color, width=3)
+    pen.line([x, y - arm, x, y + arm], fill=color, width=3)
+    return np.asarray(im)
+
+
+def receptive_field_figure(run, images=16, seed=0):
+    """Where one cell of the run's X looks: the gradient of its channel sum with respect to the
+    input, in magnitude, averaged over `images` noise images; the cell's analytic centre
+    (green), that gradient's centroid (white dot), its plain-resize centre (red) and the tile
+    a plain resize gives it (white); the whole input, then a zoom on the cell."""
+    import torch
+
+    from minimal_amkp.model import ResNetMSA, map_grid, map_size
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+        cfg = from_dict(json.load(f))
+    model = ResNetMSA(cfg.model)
+    model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
+    size = cfg.data.image_size
+    grid, h = map_grid(model.eval(), size), map_size(size, cfg.model.msa, len(cfg.model.blocks))
+    image = torch.rand(images, 1, size, size, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+    r = c = h // 2
+    x3, x4 = model.backbone(image)
+    (x4 if model.msa is None else model.msa(x3, x4))[:, :, r, c].sum().backward()
+    mass = image.grad.abs()[:, 0].mean(0).double().numpy()                          # (S, S)
+    centre = np.arange(size) + 0.5
+    gx, gy = (mass.sum(0) * centre).sum() / mass.sum(), (mass.sum(1) * centre).sum() / mass.sum()
+    (cx, cy), naive = R.cell_centres([c, r], grid, size), (c + 0.5) * size / h
+    half = size / h * 3                                         # the zoom: three tiles each way
+    panels = []
+    for lo, scale in ((0.0, PANEL / size), (cx - half, PANEL / (2 * half))):
+        pixels = np.arange(PANEL) / scale + lo                  # input pixel under each panel pixel
+        idx = np.clip(pixels.astype(int), 0, size - 1)
+        heat = mass[np.ix_(idx, idx)] / mass.max()
+        rgb = overlay_heatmap(np.full((PANEL, PANEL), 0.5), heat)
+        tile = np.array([[c * size / h, r * size / h, size / h, size / h]])
+        rgb = draw_boxes(rgb, (tile - [lo, lo, 0, 0]) * scale, (255, 255, 255), 1)
+        rgb = cross(rgb, (naive - lo) * scale, (naive - lo) * scale, RED)
+        rgb = cross(rgb, (cx - lo) * scale, (cy - lo) * scale, GREEN)
+        panels.append(cross(rgb, (gx - lo) * scale, (gy - lo) * scale, (255, 255, 255), arm=1))
+    title = (f"cell ({r}, {c}) of X: green ({cx:g}, {cy:g}) receptive-field centre, white ({gx:.1f}, {gy:.1f}) "
+             f"centroid, red ({naive:g}, {naive:g}) plain resize")
+    return strip(panels, [f"the {size}-px input", f"zoom x{PANEL / (2 * half):.3g}"], title)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m walkthrough.make_figures", description=__doc__.split("\n")[0])
     p.add_argument("--run", default=os.path.join("runs", "walkthrough"),
@@ -187,10 +237,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     (rounds, fused), (rounds_loss, fused_loss) = mining_figures(args.run)
     save_png(os.path.join(args.out, "phantom.png"), phantom_figure())
+    save_png(os.path.join(args.out, "receptive_field.png"), receptive_field_figure(args.run))
     for name, picture in (("mining_rounds", rounds), ("fused", fused), ("mining_rounds_loss", rounds_loss),
                           ("fused_loss", fused_loss)):
         save_png(os.path.join(args.out, f"{name}.png"), picture)
-    print(f"wrote phantom.png, mining_rounds.png, fused.png, mining_rounds_loss.png, fused_loss.png to {args.out}")
+    print(f"wrote phantom.png, receptive_field.png, mining_rounds.png, fused.png, mining_rounds_loss.png, "
+          f"fused_loss.png to {args.out}")
 
 
 if __name__ == "__main__":

@@ -201,4 +201,9 @@ def mining_problem(state, k, n, h):
         return "the mining optimizer is not an optimizer state dict"
     if not number(state["auroc_a"]):
         return "auroc_a is not a number"
+    if not (isinstance(state["steps"], int) and state["steps"] >= 0):
+        return f"mining steps {state['steps']!r} is not a count"
+    norms = state["norms"]
+    if not (norms is None if not losses else isinstance(norms, dict) and all(v is None or number(v) for v in norms.values())):
+        return "the round's gradient norms are not numbers"
     return None

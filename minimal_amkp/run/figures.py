@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from minimal_amkp.run.atomic import atomic_write_bytes, inside
 from minimal_amkp.data.images import load_image
 from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp import reference as R
 from minimal_amkp.harvest import upsample
 
 RED = (230, 30, 30)
@@ -114,11 +115,11 @@ def strip(panels, titles, header="", gap=4):
     return np.asarray(im)
 
 
-def cells(m, p):
-    """Nearest-neighbour resize of a mask (h, w) to (p, p), so every erased feature cell shows whole:
-    panel pixel X takes the cell under its centre, floor((X + 0.5) w / p)."""
+def cells(m, p, grid):
+    """Nearest-neighbour resize of a mask (h, w) on `grid` to (p, p), so every erased feature cell
+    shows whole: panel pixel X takes the cell whose centre (reference.geometry) is nearest."""
     m = np.asarray(m)
-    rows, cols = ((2 * np.arange(p) + 1) * n // (2 * p) for n in m.shape)
+    rows, cols = (R.nearest_cells(p, n, grid) for n in m.shape)
     return m[np.ix_(rows, cols)]
 
 
@@ -127,26 +128,26 @@ def ranked(rgb, boxes):
     return draw_boxes(draw_boxes(rgb, boxes[1:], GREEN, 1), boxes[:1], GREEN, 3)
 
 
-def mining_strip(image, cams, masks, h_f, gt, baseline, am, header=""):
-    """One Fig. 2 strip. image (P, P) in [0, 1]; cams, masks (T, h, w); h_f (h, w);
+def mining_strip(image, grid, cams, masks, h_f, gt, baseline, am, header=""):
+    """One Fig. 2 strip. image (P, P) in [0, 1]; cams, masks (T, h, w) and h_f (h, w) on grid;
     gt (G, 4) and the rank-ordered baseline and am boxes (K, 4), all in the P × P frame."""
     p = image.shape[0]
     grey = np.round(np.repeat(image[..., None], 3, axis=-1) * 255).astype(np.uint8)
     panels, titles = [draw_boxes(grey, gt, RED)], ["image, ground truth"]
     for t, (h_t, m_t) in enumerate(zip(cams, masks), start=1):
-        rgb = overlay_heatmap(image, upsample(h_t, p, p), cells(m_t, p))
+        rgb = overlay_heatmap(image, upsample(h_t, p, p, grid), cells(m_t, p, grid))
         rgb = draw_boxes(rgb, gt, RED)
         panels.append(ranked(rgb, baseline) if t == 1 else rgb)
         titles.append("H1, baseline boxes" if t == 1 else f"H{t}, hatched = erased")
-    panels.append(ranked(draw_boxes(overlay_heatmap(image, upsample(h_f, p, p)), gt, RED), am))
+    panels.append(ranked(draw_boxes(overlay_heatmap(image, upsample(h_f, p, p, grid)), gt, RED), am))
     titles.append("Hf (eq. 8), AM boxes")
     return strip(panels, titles, header)
 
 
-def write_figures(out_dir, mining, ds, h_f, baseline, am, picks, panel=256):
+def write_figures(out_dir, mining, ds, grid, h_f, baseline, am, picks, panel=256):
     """Write figures/<class>_<image stem>.png strips; return their paths relative to out_dir.
 
-    mining as for report.write_report (already checked); h_f (n, 8, h, w); baseline and am:
+    mining as for report.write_report (already checked), its maps on `grid`; h_f (n, 8, h, w); baseline and am:
     lists of classes.BBox in the images' PNG frames; picks: [(class index, image index,
     caption saying why this map was picked)]. Panels are panel × panel pixels.
     """
@@ -163,7 +164,7 @@ def write_figures(out_dir, mining, ds, h_f, baseline, am, picks, panel=256):
         gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(mine[0])]))
         header = (f"{name}  {BOX_CLASSES[c]}: {why}.   red = ground truth, green = harvested, "
                   "heat blue (low) to red (high)")
-        rgb = mining_strip(image, cams[:, i, c], masks[:, i, c], h_f[i, c], gt_p, base_p, am_p, header)
+        rgb = mining_strip(image, grid, cams[:, i, c], masks[:, i, c], h_f[i, c], gt_p, base_p, am_p, header)
         rel = os.path.join("figures", f"{BOX_CLASSES[c]}_{os.path.splitext(name)[0]}.png")
         save_png(inside(out_dir, rel), rgb)       # plain names cannot leave out_dir; a linked figures/ could
         paths.append(rel)

@@ -23,7 +23,7 @@ from minimal_amkp.data.chestxray import read_dataset
 from minimal_amkp.data.images import Images, check_images
 from minimal_amkp.loop import optimizer, predict
 from minimal_amkp.mine import attention_mining
-from minimal_amkp.model import ResNetMSA, load_init, map_size
+from minimal_amkp.model import ResNetMSA, load_init, map_grid, map_size
 from minimal_amkp.run import checkpoint, distributed, outdir
 from minimal_amkp.run.atomic import atomic_open, atomic_write_text
 from minimal_amkp.run.progress import Progress, say
@@ -230,7 +230,8 @@ def run_job(cfg, data, resume, runner):
                              state["mining"] if state is not None else None, save)
     scores = predict(model, test, 2 * cfg.train.batch_size, runner, "scoring the test split")
     mining_arrays = dict(names=mining_names, labels=mining.labels.numpy().astype(np.uint8),
-                         cams=mined["cams"].numpy(), masks=mined["masks"].numpy(), image_size=size)
+                         cams=mined["cams"].numpy(), masks=mined["masks"].numpy(), image_size=size,
+                         grid=np.array(map_grid(model, size), dtype=np.float64))
     tested = dict(names=test_names, scores=scores, labels=test.labels.numpy().astype(np.uint8))
     return runner.on_main(write_outputs, out, model, mining_arrays, ds, tested, to_dict(cfg),
                                mined["records"])

@@ -85,12 +85,12 @@ def gain_and_loss_picks(gain):
     return picks
 
 
-def later_peaks(cams, masks, names, frames, gt):
+def later_peaks(cams, masks, names, frames, gt, grid):
     """For every round t >= 2, over the maps of a class with >= 2 ground-truth boxes where
     M_{t-1} erased something: the share whose peak over the live cells lies inside one of the
     boxes, for the learnt H_t and for the frozen H_1 ⊙ M_{t-1}.
 
-    cams, masks (T, n, 8, h, w); frames [(width, height)]; gt per class {image: (g, 4)}.
+    cams, masks (T, n, 8, h, w) on `grid`; frames [(width, height)]; gt per class {image: (g, 4)}.
     -> [{"t", "maps", "learned", "frozen"}] (shares NaN without such maps)."""
     out = []
     for t in range(1, len(cams)):
@@ -99,37 +99,39 @@ def later_peaks(cams, masks, names, frames, gt):
             for i, name in enumerate(names):
                 g, live = gt[c][name], masks[t, i, c] > 0
                 if len(g) >= 2 and not live.all() and live.any():
-                    learned.append(peak_in_box(np.where(live, cams[t, i, c], -np.inf), g, *frames[i]))
-                    frozen.append(peak_in_box(np.where(live, cams[0, i, c], -np.inf), g, *frames[i]))
+                    learned.append(peak_in_box(np.where(live, cams[t, i, c], -np.inf), grid, g, *frames[i]))
+                    frozen.append(peak_in_box(np.where(live, cams[0, i, c], -np.inf), grid, g, *frames[i]))
         out.append(dict(t=t + 1, maps=len(learned), learned=float(np.mean(learned)) if learned else float("nan"),
                         frozen=float(np.mean(frozen)) if frozen else float("nan")))
     return out
 
 
-def peak_position(h):
-    """Centre of the map's peak cell (first argmax, row-major) as fractions (x, y) of the image:
-    cell (r, c) of an h×w map covers [c/w, (c+1)/w) × [r/h, (r+1)/h) of any frame."""
+def peak_position(h, grid):
+    """Centre of the map's peak cell (first argmax, row-major) as fractions (x, y) of the image,
+    the cell placed on `grid` (reference.geometry) and clamped into the image."""
     r, c = np.unravel_index(np.argmax(h), h.shape)
-    return (c + 0.5) / h.shape[1], (r + 0.5) / h.shape[0]
+    x, y = R.cell_centres([c, r], grid, 1.0)
+    return float(np.clip(x, 0, 1)), float(np.clip(y, 0, 1))
 
 
-def peak_in_box(h, g, width, height):
-    """Whether the centre of map h's peak cell, taken to a width × height frame, lies inside one
-    of the boxes g (k, 4) of that frame (edges included)."""
-    fx, fy = peak_position(h)
+def peak_in_box(h, grid, g, width, height):
+    """Whether the centre of map h's peak cell (on `grid`), taken to a width × height frame, lies
+    inside one of the boxes g (k, 4) of that frame (edges included)."""
+    fx, fy = peak_position(h, grid)
     x, y = fx * width, fy * height
     return bool(np.any((g[:, 0] <= x) & (x <= g[:, 0] + g[:, 2]) & (g[:, 1] <= y) & (y <= g[:, 1] + g[:, 3])))
 
 
-def peaks_in_chest(h, names, labels, chests):
+def peaks_in_chest(h, names, labels, chests, grid):
     """Share of the labelled maps (image × positive box class) whose peak cell's centre lies in
-    the image's chest cavity; None without chest masks (real data). h (n, 8, h, w)."""
+    the image's chest cavity; None without chest masks (real data). h (n, 8, h, w) on `grid`."""
     if chests is None:
         return None
     inside = []
     for i, name in enumerate(names):
         mask = chests[name]                                                   # (side, side)
         for c in np.flatnonzero(labels[i, :len(BOX_CLASSES)]):
-            fx, fy = peak_position(h[i, c])
-            inside.append(bool(mask[int(fy * mask.shape[0]), int(fx * mask.shape[1])]))
+            fx, fy = peak_position(h[i, c], grid)
+            inside.append(bool(mask[min(int(fy * mask.shape[0]), mask.shape[0] - 1),
+                                    min(int(fx * mask.shape[1]), mask.shape[1] - 1)]))
     return float(np.mean(inside)) if inside else None

@@ -62,15 +62,15 @@ def ground_truth(names, boxes):
                             ).reshape(-1, 4) for name in names} for c in range(len(BOX_CLASSES))]
 
 
-def max_box_acc(heatmaps, names, frames, gt, size):
+def max_box_acc(heatmaps, names, frames, gt, size, grid):
     """MaxBoxAccV2 (reference) per box class over its images with ground truth, and their mean.
 
-    Each map is upsampled to size × size and the ground truth scaled by size/W, size/H.
+    Each map (on `grid`) is upsampled to size × size and the ground truth scaled by size/W, size/H.
     heatmaps (n, 8, h, w); gt as ground_truth(). -> {class: result or None, "mean": float}.
     """
     out = {}
     for c, cls in enumerate(BOX_CLASSES):
-        pairs = [(upsample(heatmaps[i, c], size, size),
+        pairs = [(upsample(heatmaps[i, c], size, size, grid),
                   gt[c][name] * np.tile([size / frames[i][0], size / frames[i][1]], 2))
                  for i, name in enumerate(names) if len(gt[c][name])]
         out[cls] = R.max_box_acc_v2(*zip(*pairs)) if pairs else None
@@ -107,10 +107,12 @@ def rounds_markdown(rounds):
         return []
     lines = ["## Attention-mining rounds", "",
              "| t | epochs | erased-image loss before → after | mean λ·L_KP / L_cls | "
-             "box-class AUROC N_B (N_A) | movement |", "|---|---|---|---|---|---|"]
+             "‖∇‖ erased positives / rest of L_cls / λ·L_KP | box-class AUROC N_B (N_A) | movement |",
+             "|---|---|---|---|---|---|---|"]
     for d in rounds:
+        norms = " / ".join("n/a" if d[k] is None else f"{d[k]:.3f}" for k in ("grad_am", "grad_cls", "grad_kp"))
         lines.append(f"| {d['t']} | {d['epochs']} | {d['loss_before']:.4f} → {d['loss_after']:.4f} | "
-                     f"{fmt(d['kp_ratio'])} | {fmt(d['auroc_b'])} ({fmt(d['auroc_a'])}) | "
+                     f"{fmt(d['kp_ratio'])} | {norms} | {fmt(d['auroc_b'])} ({fmt(d['auroc_a'])}) | "
                      f"{fmt(d['movement'])} |")
     return lines + [""] + [f"- {k}: {v}" for k, v in ROUND_RECORD.items() if k != "t"] + [""]
 
@@ -210,7 +212,9 @@ def markdown(r, figures):
               "positive image, averaged over the OTHER mining images' boxes. ChestX-ray14's training "
               "split has no boxes, so this is a generous prior: it has seen the other true boxes.",
               "- Harvested boxes: up to 3 per image and labelled box class, from the heatmap upsampled "
-              "bilinear (pixel centres at X + 0.5) to the PNG's frame; boxes.csv holds the AM boxes.",
+              f"bilinear to the PNG's frame, each cell at its receptive-field centre (cell (r, c) at "
+              f"{r['grid']['stride']:g}·(c, r) + {r['grid']['offset']:g} px of the {r['image_size']}-px input, "
+              "reference/geometry.py); boxes.csv holds the AM boxes.",
               f"- MaxBoxAccV2 is computed per class in a {r['max_box_acc_v2_size']}-px square frame "
               "(the model input, capped); its mean is over classes.", "", "## Config", "", "```json",
               # a backquote inside a value (a path, say) could close the fence: JSON may spell it \u0060
@@ -225,7 +229,7 @@ def write_report(out_dir, mining, ds, test, config, rounds=()):
     ds: ChestXray14; test: names (M), scores (M, 14), labels (M, 14); config: JSON-able dict;
     rounds: the round records of mine.attention_mining (mine.ROUND_RECORD), if any.
     """
-    names, labels, cams, masks, size = check_mining(mining, ds)
+    names, labels, cams, masks, size, grid = check_mining(mining, ds)
     scores, test_labels = check_test(test)
     try:
         json.dumps(jsonable(config))
@@ -235,8 +239,8 @@ def write_report(out_dir, mining, ds, test, config, rounds=()):
     frames = [frame(ds, name) for name in names]
     h_1, h_f = np.asarray(cams[0], dtype=np.float64), fused(cams, masks)   # (n, 8, h, w) each
     boxes = {"prior": box_prior(names, labels, frames, ds.boxes),
-             "baseline": harvest(h_1, names, labels, frames),
-             "am": harvest(h_f, names, labels, frames)}
+             "baseline": harvest(h_1, names, labels, frames, grid),
+             "am": harvest(h_f, names, labels, frames, grid)}
     gt = ground_truth(names, ds.boxes)
     acc_afp = {ov: {m: R.acc_afp_table(by_class(boxes[m], names), gt, overlap=ov) for m in METHODS}
                for ov in OVERLAPS}
@@ -247,25 +251,26 @@ def write_report(out_dir, mining, ds, test, config, rounds=()):
     auroc = {c: R.auroc(scores[:, k], test_labels[:, k]) for k, c in enumerate(CLASSES)}
     r = dict(
         n_mining_images=len(names), T=int(cams.shape[0]), image_size=size,
-        heatmap_size=list(cams.shape[3:]), n_test_images=len(scores),
+        heatmap_size=list(cams.shape[3:]), grid=dict(stride=grid.stride, offset=grid.offset),
+        n_test_images=len(scores),
         n_gt_boxes={c: sum(len(g) for g in gt[k].values()) for k, c in enumerate(BOX_CLASSES)},
         n_boxes={m: {c: sum(b.label == k for b in boxes[m]) for k, c in enumerate(BOX_CLASSES)}
                  for m in METHODS},
         summary={m: nanmean(acc_afp["iou"][m]["acc"][at]) for m in METHODS},
         acc_afp=acc_afp, afp_bounds=R.DEFAULT_AFP_BOUNDS,
         max_box_acc_v2_size=min(size, MAXBOX_SIZE),
-        max_box_acc_v2={m: max_box_acc(h, names, frames, gt, min(size, MAXBOX_SIZE))
+        max_box_acc_v2={m: max_box_acc(h, names, frames, gt, min(size, MAXBOX_SIZE), grid)
                         for m, h in (("baseline", h_1), ("am", h_f))} if extras else None,
         all_boxes=all_boxes, rounds=[dict(d) for d in rounds],
         lesions={m: lesion_numbers(boxes[m], names, gt) for m in ("baseline", "am")},
-        later_peaks=later_peaks(np.asarray(cams, dtype=np.float64), masks, names, frames, gt),
-        h1_peaks_in_chest=peaks_in_chest(h_1, names, labels, read_chest_masks(ds.root)),
+        later_peaks=later_peaks(np.asarray(cams, dtype=np.float64), masks, names, frames, gt, grid),
+        h1_peaks_in_chest=peaks_in_chest(h_1, names, labels, read_chest_masks(ds.root), grid),
         auroc=auroc, mean_auroc=nanmean(list(auroc.values())),
         box_auroc=nanmean([auroc[c] for c in BOX_CLASSES]),
         test_positives={c: int(test_labels[:, k].sum()) for k, c in enumerate(CLASSES)},
         config=config)
     picks = gain_and_loss_picks(gains(boxes["baseline"], boxes["am"], names, gt))
-    figures = write_figures(out_dir, mining, ds, h_f, boxes["baseline"], boxes["am"], picks) if extras else None
+    figures = write_figures(out_dir, mining, ds, grid, h_f, boxes["baseline"], boxes["am"], picks) if extras else None
     write_boxes_csv(os.path.join(out_dir, "boxes.csv"), boxes["am"])
     atomic_write_text(os.path.join(out_dir, "report.md"), markdown(r, figures))
     r["figures"] = figures or []

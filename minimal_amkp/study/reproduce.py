@@ -205,13 +205,13 @@ def run_cell(name, argv, source):
     atomic_write_text(os.path.join(out, "seconds.json"), json.dumps({"seconds": seconds}) + "\n")
 
 
-def all_boxes_acc(h_f, names, labels, frames, gt):
-    """Acc of every box class at ALL_BOXES_IOU using all of B, boxes from h_f (n, 8, h, w). -> (2, 8)."""
-    boxes = harvest(h_f, names, labels, frames)
+def all_boxes_acc(h_f, grid, names, labels, frames, gt):
+    """Acc of every box class at ALL_BOXES_IOU using all of B, boxes from h_f (n, 8, h, w) on grid. -> (2, 8)."""
+    boxes = harvest(h_f, names, labels, frames, grid)
     return R.acc_afp_table(by_class(boxes, names), gt, thresholds=ALL_BOXES_IOU, bounds=np.inf)["acc"]
 
 
-def peak_hits(cams, masks, names, frames, gt):
+def peak_hits(cams, masks, grid, names, frames, gt):
     """How often the peak of H_t (over the cells alive under M_{t-1}) and of H_f lies in a box.
 
     Over every (image, box class) with ground truth. -> {"H1".., "Hf": share of maps whose peak
@@ -225,11 +225,11 @@ def peak_hits(cams, masks, names, frames, gt):
             g = gt[c][name]
             if not len(g):
                 continue
-            per_t = [peak_in_box(np.where(masks[t, i, c] > 0, cams[t, i, c], -np.inf), g, *frames[i])
+            per_t = [peak_in_box(np.where(masks[t, i, c] > 0, cams[t, i, c], -np.inf), grid, g, *frames[i])
                      for t in range(len(cams))]
             for t, v in enumerate(per_t):
                 hits[f"H{t + 1}"].append(v)
-            hits["Hf"].append(peak_in_box(h_f[i, c], g, *frames[i]))
+            hits["Hf"].append(peak_in_box(h_f[i, c], grid, g, *frames[i]))
             if cams[0, i, c].max() > 0:
                 hits["H2/H1 max"].append(np.max(cams[1, i, c][masks[1, i, c] > 0], initial=0) / cams[0, i, c].max())
             if not per_t[0]:
@@ -247,21 +247,21 @@ def measure(out, datasets):
         datasets[root] = read_dataset(root)
     ds = datasets[root]
     with np.load(os.path.join(out, "mining.npz")) as z:
-        names, labels, cams, masks, _ = check_mining({k: z[k] for k in z.files}, ds)
+        names, labels, cams, masks, _, grid = check_mining({k: z[k] for k in z.files}, ds)
     frames = [frame(ds, n) for n in names]
     gt = ground_truth(names, ds.boxes)
     seconds = float("nan")
     if os.path.exists(os.path.join(out, "seconds.json")):
         with open(os.path.join(out, "seconds.json"), encoding="utf-8") as f:
             seconds = json.load(f)["seconds"]
-    all_boxes = {t: all_boxes_acc(fused(cams[:t], masks[:t]), names, labels, frames, gt)
+    all_boxes = {t: all_boxes_acc(fused(cams[:t], masks[:t]), grid, names, labels, frames, gt)
                  for t in range(1, len(cams) + 1)}
     if len(cams) > 1:
-        all_boxes["normalised"] = all_boxes_acc(fused(R.normalise_live(cams, masks), masks), names, labels,
+        all_boxes["normalised"] = all_boxes_acc(fused(R.normalise_live(cams, masks), masks), grid, names, labels,
                                                 frames, gt)
     return dict(all_boxes=all_boxes,
                 acc_afp=report["acc_afp"]["iou"], seconds=seconds,
-                peaks=peak_hits(cams, masks, names, frames, gt) if len(cams) > 1 else None,
+                peaks=peak_hits(cams, masks, grid, names, frames, gt) if len(cams) > 1 else None,
                 lesions=report["lesions"],
                 n_mining=len(names),
                 n_gt=sum(report["n_gt_boxes"].values()))
