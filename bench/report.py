@@ -86,6 +86,11 @@ MODE_TEXT = {"quick": "quick (small shapes, no max-autotune, few repetitions)",
          "full": "full (every shape, every compile mode, no time budget)"}
 
 
+def versions():
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                triton=launch.triton.__version__ if launch.triton is not None else "missing", numpy=np.__version__)
+
+
 def metadata(device_name, args, device, load, layout):
     cuda = device.type == "cuda"
     timing = ("triton.testing.do_bench: CUDA events, L2 flushed before each repetition, median, after "
@@ -97,9 +102,7 @@ def metadata(device_name, args, device, load, layout):
     budget = f"; time budget {args.budget:g} s" if args.budget else ""
     return dict(device=device_name, commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                python=platform.python_version(), torch=torch.__version__,
-                triton=launch.triton.__version__ if launch.triton is not None else "missing",
-                numpy=np.__version__, threads=torch.get_num_threads(), cuda=cuda, layout=layout,
+                **versions(), threads=torch.get_num_threads(), cuda=cuda, layout=layout,
                 timing=timing, mode=MODE_TEXT[args.mode] + budget, spec=spec_bandwidth(device_name) if cuda else None,
                 max_gb=args.max_gb, load="n/a" if load is None else f"{load:.2f}", note=args.note)
 
