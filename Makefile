@@ -6,8 +6,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# test-gpu and gpu-check build nothing: a lent GPU machine has no network and its own CUDA
+# torch, so they run the project from this folder with .venv's python if there is one, else
+# $(PYTHON).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+RUN_HERE := PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY)
 
-.PHONY: test install run bench reproduce figures clean
+.PHONY: test install run bench reproduce figures clean test-gpu gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +30,15 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The kernel and ops property tests compiled on a GPU, a few examples each (under the
+# interpreter without one); `make test` stays the CPU suite CI runs.
+test-gpu:
+	$(RUN_HERE) -m bench.gpu_check --tests-only
+
+# Compiled tests, bench, a tiny and a short paper run in <= 8 min, numbers in bench/results/<device>/.
+gpu-check:
+	$(RUN_HERE) -m bench.gpu_check
 
 reproduce: $(STAMP)
 	$(PY) -m minimal_amkp.study.reproduce

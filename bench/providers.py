@@ -34,6 +34,7 @@ from minimal_amkp import reference as R
 
 BACKEND = {"torch": "torch", "triton": "triton", "triton_unfused": "triton"}  # of the ops-based providers
 COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}
+_compiled = {}  # (op, provider, backward) -> its torch.compile'd callable, kept from shape to shape
 
 
 def cam_naive(x, m, w):
@@ -175,11 +176,26 @@ def function(op, provider, backward):
     """What one provider runs for one pass: a callable on the op's tensors, bound to its backend."""
     fns = op.train if backward else op.forward
     if provider.startswith("compile_"):
-        # Dynamo's recompile limit counts per Python function across all wrappers; start afresh.
-        torch._dynamo.reset()
-        return torch.compile(_on(fns["torch"], "torch"), mode=COMPILE_MODES[provider.removeprefix("compile_")],
-                             dynamic=False)
+        key = (op.name, provider, backward)
+        if key not in _compiled:
+            # Every shape is a recompile (dynamic=False), and Dynamo counts them per Python function
+            # across all wrappers (all of them wrap _on's lambda): room for an op's shapes, passes and
+            # modes, and an error rather than a silent fall-back to eager should they not fit.
+            config = torch._dynamo.config
+            config.cache_size_limit = max(config.cache_size_limit, 64)  # recompile_limit's name before 2.7
+            if hasattr(config, "fail_on_recompile_limit_hit"):
+                config.fail_on_recompile_limit_hit = True
+            _compiled[key] = torch.compile(_on(fns["torch"], "torch"), dynamic=False,
+                                           mode=COMPILE_MODES[provider.removeprefix("compile_")])
+        return _compiled[key]
     return _on(fns[provider], BACKEND[provider]) if provider in BACKEND else fns[provider]
+
+
+def forget_compiled():
+    """Drop the compiled callables and Dynamo's traces (Inductor's caches on disk stay): between
+    ops, so that the recompile limit counts one op's shapes."""
+    _compiled.clear()
+    torch._dynamo.reset()
 
 
 def as_numpy(tensors):

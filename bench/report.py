@@ -2,21 +2,93 @@
 import csv
 import datetime
 import io
+import os
 import platform
+import re
+import subprocess
 
 import numpy as np
 import torch
 
 from kernels import launch
 
-KEYS = ["device", "threads", "date", "python", "torch", "triton", "numpy", "layout", "load"]  # on every row
+KEYS = ["device", "threads", "date", "commit", "python", "torch", "triton", "numpy", "layout", "load"]  # every row
 FIELDS = KEYS + ["op", "N", "C", "D", "H", "W", "dtype", "provider", "pass", "median_ms", "reps",
-                 "gb_per_s", "pct_copy", "compile_s", "images_per_s", "full_pass_h", "note"]
+                 "gb_per_s", "pct_copy", "pct_spec", "compile_s", "images_per_s", "full_pass_h", "note"]
 CPU_FUSED_VS_NAIVE = 10.0  # the torch provider's forward at least this many times faster than torch_naive
 GPU_PCT_COPY = 90.0  # masked-CAM forward (the CAM pass), % of the copy bandwidth of the same run
 GPU_VS_COMPILE = {"masked_cam": 1.3, "masked_gap": 1.3, "kp_distance": 1.3, "am_step": 2.0}  # fwd+bwd
 MASKED_OPS = ("masked_cam", "masked_gap")  # the ops whose naive form materialises X ⊙ M̂_c
 COMPILED = ("compile_default", "compile_max-autotune")
+# A GPU row cannot move its bytes faster than a copy of the same device (L2 is flushed before
+# every repetition), so a row above it means the baseline or the op's bytes model is wrong.
+ABOVE_COPY = "ABOVE COPY: check the bytes model/baseline"
+SPEC_UNKNOWN = "spec unknown"
+# HBM bandwidth from the vendor's data sheet, bytes/s, by torch.cuda.get_device_name; the first
+# match wins. Only names that say which part (and memory) they are: a GH200 has HBM3 or HBM3e
+# and the name does not say which, so it stays unknown like every part not listed.
+SPEC_BANDWIDTH = [
+    (r"(?<!G)H200", 4.8e12),
+    (r"H100 80GB HBM3|H100 SXM", 3.35e12),
+    (r"H100 NVL", 3.9e12),
+    (r"H100 PCIe", 2.0e12),
+    (r"A100-SXM4-80GB", 2.039e12),
+    (r"A100 80GB PCIe", 1.935e12),
+    (r"A100-(SXM4|PCIE)-40GB", 1.555e12),
+]
+
+
+def spec_bandwidth(device_name):
+    """The data sheet's memory bandwidth of a GPU in bytes/s, or None when the table lacks it."""
+    return next((bps for pattern, bps in SPEC_BANDWIDTH if re.search(pattern, device_name)), None)
+
+
+def device_slug(device_name):
+    """A device name as a file or folder name: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
+
+
+def git_commit():
+    """The checkout's commit (+"-dirty" with uncommitted changes); $AMKP_COMMIT where the tree
+    was copied without its .git (a lent GPU machine); else "unknown"."""
+    if os.environ.get("AMKP_COMMIT"):
+        return os.environ["AMKP_COMMIT"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def measured(row, nbytes, seconds, copy_bps, spec_bps, cuda):
+    """Row with its timing, bandwidth, % of copy and of spec filled in, and ABOVE_COPY as its
+    note where a GPU row beats the copy baseline (on a CPU small shapes sit in cache, so there
+    the column may pass 100 and means nothing more)."""
+    bps = nbytes / seconds
+    pct = 100 * bps / copy_bps
+    return row | dict(ms=f"{seconds * 1e3:.3f}", gbps=f"{bps / 1e9:.2f}", pct_copy=f"{pct:.1f}",
+                      pct_spec=f"{100 * bps / spec_bps:.1f}" if spec_bps else SPEC_UNKNOWN,
+                      note=ABOVE_COPY if cuda and pct > 100 else row["note"])
+
+
+def above_copy(row):
+    return row["note"] == ABOVE_COPY
+
+
+MODE_TEXT = {"quick": "quick (small shapes, no max-autotune, few repetitions)",
+         "default": "default (paper shapes first, then the small ones; max-autotune at the paper shapes only)",
+         "full": "full (every shape, every compile mode, no time budget)"}
+
+
+def versions():
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                triton=launch.triton.__version__ if launch.triton is not None else "missing", numpy=np.__version__)
 
 
 def metadata(device_name, args, device, load, layout):
@@ -27,13 +99,11 @@ def metadata(device_name, args, device, load, layout):
               + f"; fp32 dots in TF32 on both sides (kernels: {launch.FP32_PRECISION}, torch: "
                 "set_float32_matmul_precision('high'))") if cuda else \
         "time.perf_counter, median after one warm-up call; no CUDA graphs (CPU)"
-    return dict(device=device_name,
+    budget = f"; time budget {args.budget:g} s" if args.budget else ""
+    return dict(device=device_name, commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                python=platform.python_version(), torch=torch.__version__,
-                triton=launch.triton.__version__ if launch.triton is not None else "missing",
-                numpy=np.__version__, threads=torch.get_num_threads(), cuda=cuda, layout=layout,
-                timing=timing, mode="quick (small shapes, few repetitions)" if args.quick
-                else "full (small and paper shapes)",
+                **versions(), threads=torch.get_num_threads(), cuda=cuda, layout=layout,
+                timing=timing, mode=MODE_TEXT[args.mode] + budget, spec=spec_bandwidth(device_name) if cuda else None,
                 max_gb=args.max_gb, load="n/a" if load is None else f"{load:.2f}", note=args.note)
 
 
@@ -50,7 +120,7 @@ def to_csv(rows, tput, meta):
         writer.writerow({k: meta[k] for k in KEYS} | _dims(r) | {
             "op": r["op"], "dtype": r["dtype"], "provider": r["provider"], "pass": r["pass_"],
             "median_ms": r["ms"], "reps": r["reps"], "gb_per_s": r["gbps"], "pct_copy": r["pct_copy"],
-            "compile_s": r["compile_s"], "note": r["note"]})
+            "pct_spec": r["pct_spec"], "compile_s": r["compile_s"], "note": r["note"]})
     for r in tput:
         writer.writerow({k: meta[k] for k in KEYS} | {
             "op": f"throughput_{r['kind']}", "N": r["N"], "H": r["size"], "W": r["size"],
@@ -87,15 +157,18 @@ def row_target(rows, row):
         if op != "masked_cam":
             return None
         pct = float(row["pct_copy"])
-        return f"≥ {GPU_PCT_COPY:g}% of copy: {pct:.1f}% {'met' if pct >= GPU_PCT_COPY else 'NOT met'}{small}"
-    goal = GPU_VS_COMPILE.get(op)
-    best = _best_compile(rows, op, shape, "fwd+bwd")
-    if goal is None:
-        return None
-    if best is None:
-        return f"≥ {goal:g}× the best torch.compile: not measured (no torch.compile row)"
-    ratio = best / float(row["ms"])
-    return f"≥ {goal:g}× the best torch.compile: {ratio:.2f}× {'met' if ratio >= goal else 'NOT met'}{small}"
+        text, met = f"≥ {GPU_PCT_COPY:g}% of copy: {pct:.1f}%", pct >= GPU_PCT_COPY
+    else:
+        goal = GPU_VS_COMPILE.get(op)
+        best = _best_compile(rows, op, shape, "fwd+bwd")
+        if goal is None:
+            return None
+        if best is None:
+            return f"≥ {goal:g}× the best torch.compile: not measured (no torch.compile row)"
+        ratio = best / float(row["ms"])
+        text, met = f"≥ {goal:g}× the best torch.compile: {ratio:.2f}×", ratio >= goal
+    verdict = f"not counted, {ABOVE_COPY}" if above_copy(row) else "met" if met else "NOT met"
+    return f"{text} {verdict}{small}"
 
 
 def _paper(shape):
@@ -105,9 +178,9 @@ def _paper(shape):
 def _table(rows, op, notes):
     """Markdown table of one op; providers that never ran are named once below it instead."""
     lines = [f"### {op}", "",
-             "| shape | provider | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms | fwd+bwd GB/s "
+             "| shape | provider | fwd ms | fwd GB/s | fwd % copy | fwd % spec | fwd+bwd ms | fwd+bwd GB/s "
              "| fwd speed-up vs naive | target |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows if r["op"] == op))
     providers = list(dict.fromkeys(r["provider"] for r in rows if r["op"] == op))
     idle = {p: r["note"] for p in providers for r in rows
@@ -133,10 +206,11 @@ def _table(rows, op, notes):
 
             mine = _ms(rows, op, shape, provider, "fwd")
             speed = f"{naive / mine:.1f}×" if naive and mine else ""
-            target = "; ".join(t for t in (row_target(rows, r) for r in (fwd, bwd) if r) if t)
+            target = "; ".join(row_target(rows, r) or f"{r['pass_']}: {ABOVE_COPY}" for r in (fwd, bwd)
+                               if r and (row_target(rows, r) or above_copy(r)))
             lines.append(f"| {_shape_label(op, shape)} | {provider} | {cell(fwd, 'ms')} | "
-                         f"{cell(fwd, 'gbps')} | {cell(fwd, 'pct_copy')} | {cell(bwd, 'ms')} | "
-                         f"{cell(bwd, 'gbps')} | {speed} | {target} |")
+                         f"{cell(fwd, 'gbps')} | {cell(fwd, 'pct_copy')} | {cell(fwd, 'pct_spec')} | "
+                         f"{cell(bwd, 'ms')} | {cell(bwd, 'gbps')} | {speed} | {target} |")
     return lines + [""] + [f"Not timed: {p} ({n.removeprefix('skipped: ')})." for p, n in idle.items()] + [""]
 
 
@@ -188,13 +262,18 @@ def targets(rows, meta):
             continue
         if op not in ops:
             continue
+        mine = [r for r in paper if (r["op"], r["provider"], r["pass_"]) == (op, "triton", pass_) and r["ms"]]
+        flagged = [_shape_label(op, r["shape"]) for r in mine if above_copy(r)]
+        counted = [r for r in paper if not (r in mine and above_copy(r))]
         if pass_ == "fwd":
-            pct = {_shape_label(op, r["shape"]): float(r["pct_copy"]) for r in paper
-                   if (r["op"], r["provider"], r["pass_"]) == (op, "triton", "fwd") and r["pct_copy"]}
-            result = _verdict(pct, GPU_PCT_COPY, "%")
+            result = _verdict({_shape_label(op, r["shape"]): float(r["pct_copy"]) for r in mine
+                               if not above_copy(r)}, GPU_PCT_COPY, "%")
         else:
-            result = _verdict(_ratios(paper, op, lambda shape, op=op: _best_compile(paper, op, shape, pass_),
+            result = _verdict(_ratios(counted, op, lambda shape, op=op: _best_compile(counted, op, shape, pass_),
                                       "triton", pass_), GPU_VS_COMPILE[op])
+        if flagged:
+            result = (f"{result}; " if len(flagged) < len(mine) else "") + \
+                f"not counted, {ABOVE_COPY}: {', '.join(flagged)}"
         lines.append(f"| {text} (paper's shapes) | {result} |")
     return lines + [""]
 
@@ -229,7 +308,10 @@ def to_markdown(rows, tput, meta):
             f"- torch threads: {meta['threads']}; load average at start: {meta['load']}",
             f"- mode: {meta['mode']}; dtype {dtype}; feature maps {meta['layout']}; --max-gb {meta['max_gb']:g}",
             f"- timing: {meta['timing']}",
+            f"- commit: {meta['commit']}",
             f"- copy bandwidth: {meta['copy']}",
+            f"- spec memory bandwidth: " + (f"{meta['spec'] / 1e9:.0f} GB/s (data sheet)" if meta["spec"]
+                                            else SPEC_UNKNOWN) + "; % spec = GB/s / that",
             *([] if meta["cuda"] else ["- no GPU was lent to this run: no GPU number here is measured, and the "
                                        "triton rows are skipped (the interpreter is not a speed path)"]),
             "- GB/s = the op's bytes-moved model (`bytes_moved` in kernels/*.py) / median time; "
@@ -238,7 +320,8 @@ def to_markdown(rows, tput, meta):
             "(masked_gap), the loss into fb only (kp_distance, N_A frozen), logits and KP at X into "
             "x, w, b (am_step).",
             "- shape: N×C×D×H×W (kp_distance: N×K×H×W). On CPU the small shapes stay in cache, "
-            "so their % copy can pass 100.",
+            "so their % copy can pass 100. On a GPU (L2 flushed before every repetition) a row above 100% "
+            f"of copy says \"{ABOVE_COPY}\": one of the two is wrong, and no target counts as met on it.",
             *([f"- note: {meta['note']}"] if meta["note"] else []), "", "## Results", ""]
     foot = ["Skipped or failed cells:", ""] + [f"{i}. {n}" for n, i in notes.items()] + [""] if notes else []
     return "\n".join(head + body + foot + targets(rows, meta))

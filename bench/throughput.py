@@ -10,7 +10,11 @@ eager steps with the device synchronised (no CUDA graphs: an optimizer step is p
 --quick: N = 16 on a GPU, 2 on a CPU; otherwise 64 (the paper's minibatch) and 4. On a CPU the
 triton backend is not timed: the interpreter is not a speed path. A row's backend is given to
 both networks (ResNetMSA.backend), as the CLI gives its --backend.
+
+`python -m bench.throughput [--quick]` prints the rows alone (bench.gpu_check runs it so); `python
+-m bench` ends with them and writes them to bench/results/.
 """
+import argparse
 import statistics
 import time
 
@@ -89,3 +93,16 @@ def run(device, quick):
             print(f"throughput   {kind:5s} {backend:6s} N={N} {SIZE}px {t * 1e3:10.1f} ms  {N / t:8.2f} img/s  "
                   f"{IMAGES:,} images: {IMAGES * t / N / 3600:.2f} h", flush=True)
     return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="N = 16 on a GPU (2 on a CPU), 3 repetitions")
+    args = p.parse_args(argv)
+    for row in run(torch.device("cuda" if torch.cuda.is_available() else "cpu"), args.quick):
+        if row["note"]:  # run() prints the rows it measured
+            print(f"throughput   {row['kind']:5s} {row['backend']:6s} {row['note']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

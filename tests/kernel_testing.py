@@ -12,6 +12,7 @@ an element no program wrote fails the comparison; assert_poisoned checks that th
 reaches every output and gradient.
 """
 import contextlib
+import os
 
 import numpy as np
 import pytest
@@ -32,8 +33,23 @@ TOL = {
     (torch.bfloat16, "cpu"): 1e-2,
     (torch.bfloat16, "cuda"): 1e-2,
 }
+
+
+def examples(n):
+    """n examples for a property test, or fewer where $AMKP_TEST_EXAMPLES caps them all.
+
+    `make test-gpu` sets the cap: compiled, every new shape autotunes its kernels, seconds each,
+    so the compiled run keeps the explicit @examples and a few generated ones."""
+    cap = os.environ.get("AMKP_TEST_EXAMPLES", "")
+    if not cap:
+        return n
+    if not (cap.isascii() and cap.isdigit() and int(cap) >= 1):
+        raise ValueError(f"AMKP_TEST_EXAMPLES={cap!r}: expected a whole number >= 1")
+    return min(n, int(cap))
+
+
 # Under the interpreter every example costs ~0.1-1 s of the shared CPU: few, fixed examples.
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, print_blob=True)
+SETTINGS = settings(max_examples=examples(40), deadline=None, derandomize=True, print_blob=True)
 
 
 @contextlib.contextmanager

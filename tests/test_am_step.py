@@ -13,8 +13,8 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, grad64, launches,
-                            masks, patched, raises_one_line, same_layout, tensor, tiles)
+from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, examples, grad64,
+                            launches, masks, patched, raises_one_line, same_layout, tensor, tiles)
 from kernels import am_step, compile_check, kp_distance, masked_cam
 from minimal_amkp import reference as R
 
@@ -40,7 +40,7 @@ def step64(m, xa, n0, sign=1.0):
     return f
 
 
-@settings(SETTINGS, max_examples=15)  # each example runs ~6 launches in the interpreter
+@settings(SETTINGS, max_examples=examples(15))  # each example runs ~6 launches in the interpreter
 @given(n=st.integers(1, 4), erased=st.integers(0, 3), d=st.integers(1, 40), h=st.integers(1, 6),
        w=st.integers(1, 6), c=st.integers(1, 32), mask=st.sampled_from(["random", "zeros", "ones"]),
        tile=st.sampled_from(["default", "small", "split"]), dtype=st.sampled_from(DTYPES),

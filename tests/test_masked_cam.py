@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
-from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, grad64, masks,
-                            launches, patched, raises_one_line, same_layout, tensor, tiles)
+from kernel_testing import (DEVICE, DTYPES, SETTINGS, as64, assert_close, assert_poisoned, examples, grad64,
+                            masks, launches, patched, raises_one_line, same_layout, tensor, tiles)
 from kernels import launch, masked_cam
 from minimal_amkp import reference as R
 
@@ -38,7 +38,7 @@ def cam_logits64(m):
     return f
 
 
-@settings(SETTINGS, max_examples=25)  # each example runs ~6 launches in the interpreter
+@settings(SETTINGS, max_examples=examples(25))  # each example runs ~6 launches in the interpreter
 @given(n=st.integers(1, 3), d=st.integers(1, 40), h=st.integers(1, 6), w=st.integers(1, 6),
        c=st.integers(1, 32), mask=st.sampled_from(["random", "zeros", "ones"]),
        tile=st.sampled_from(list(TILINGS)), dtype=st.sampled_from(DTYPES),

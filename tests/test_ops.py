@@ -22,10 +22,11 @@ import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
+from kernel_testing import examples
 from minimal_amkp import ops
 from minimal_amkp import reference as R
 
-SHAPES = settings(max_examples=25, deadline=None, derandomize=True)
+SHAPES = settings(max_examples=examples(25), deadline=None, derandomize=True)
 # The Triton backend runs on CUDA tensors, or on CPU ones under the interpreter (conftest.py).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,7 +186,7 @@ def live_cells(rng, kind, shape):
 ODD = st.sampled_from([1, 2, 3, 5, 7, 13])
 
 
-@settings(SHAPES, max_examples=80)
+@settings(SHAPES, max_examples=examples(80))
 @given(n=st.integers(1, 3), c=st.integers(1, 4), h=ODD, w=ODD, cam=st.sampled_from(["normal", "ties", "constant"]),
        mask=st.sampled_from(["random", "dense", "zeros", "ones"]), threshold=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
        seed=st.integers(0, 2**32 - 1))
@@ -214,7 +215,7 @@ def test_update_masks_grows_the_peaks_component_to_its_far_end():
     np.testing.assert_array_equal(got.numpy(), want)
 
 
-@settings(SHAPES, max_examples=50)
+@settings(SHAPES, max_examples=examples(50))
 @given(t=st.integers(1, 4), n=st.integers(1, 2), c=st.integers(1, 3), h=ODD, w=ODD,
        cam=st.sampled_from(["normal", "ties", "constant"]), mask=st.sampled_from(["random", "zeros", "ones"]),
        seed=st.integers(0, 2**32 - 1))
