@@ -56,21 +56,43 @@ from minimal_amkp.model import map_size
 B = len(BOX_CLASSES)                                       # masks and CAMs cover the 8 box classes
 
 
-def frozen_copy(model):
-    """N_A: a copy of the network taken before mining, never updated.
+def batch_norms(model):
+    return [mod for mod in model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
 
-    Its batch norm normalises with the statistics of the minibatch it sees and keeps no
-    running statistics, exactly as N_B does while it trains on the same minibatch: so N_A and
-    N_B agree until N_B's weights move (Sec. 2.2: "Initially, N_A and N_B are identical").
-    Our choice; frozen running statistics in N_B instead make the KP gradient explode.
+
+def frozen_copy(model, bn="frozen"):
+    """N_A: a copy of the network taken before mining, never updated; its batch norm as N_B's
+    (mine.bn), so that N_A and N_B agree until N_B's weights move (Sec. 2.2: "Initially, N_A and
+    N_B are identical").
+
+    bn "frozen": both normalise with the classifier's running statistics (eval mode).
+    bn "batch": both normalise with the statistics of the minibatch they see; N_A keeps no
+    running statistics, N_B updates its own.
     """
-    model_a = copy.deepcopy(model).train()
-    for mod in model_a.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.track_running_stats = False
+    model_a = copy.deepcopy(model).train(bn == "batch")
+    for mod in batch_norms(model_a):
+        mod.track_running_stats = bn != "batch"
     for p in model_a.parameters():
         p.requires_grad_(False)
     return model_a
+
+
+def mine_mode(model, k):
+    """set_phase(MINE), then with k.bn "frozen" every batch norm in eval mode: it normalises with
+    the classifier's running statistics and never updates them (its scale and shift still learn).
+
+    Our choice (the paper is silent). Mining batches are not the population the statistics
+    describe: every mining image is abnormal and half of each batch may be mining images. With
+    "batch", the running statistics drift toward those batches, and the eval-mode network that
+    makes the CAMs and the erased-image loss is not the one that trained: measured on the
+    default run's classifier, N_A's weights with N_B's drifted statistics raise the mining
+    images' loss from 1.59 to 1.72 (README). Returns the parameters to train.
+    """
+    params = set_phase(model, Phase.MINE)
+    if k.bn == "frozen":
+        for mod in batch_norms(model):
+            mod.eval()
+    return params
 
 
 def mining_batches(k, n_mine, n_train, seed, round_, epoch):
@@ -172,13 +194,29 @@ def mining_lr(k, step):
     return k.lr * min(1.0, (step + 1) / max(k.warmup, 1))
 
 
-def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, runner, step=0):
+def balanced_lam(norms, k):
+    """λ of one round, from term_norms on its first minibatch (measured with λ = k.lam).
+
+    k.balance = 0 keeps the paper's fixed λ = k.lam. Otherwise λ is at most k.lam and at most
+    what makes ‖∇ λ·L_KP‖ equal k.balance × ‖∇‖ of the erased positives' share of L_cls, so
+    that KP holds N_B near N_A without drowning the signal attention mining learns from (our
+    rule; the paper balances loss values: λ·L_KP ≈ ½ L_cls). Round 1, where N_B = N_A and
+    L_KP's gradient is 0, keeps k.lam.
+    """
+    if not k.balance or not norms["kp"] or not norms["am"]:
+        return k.lam
+    return min(k.lam, k.balance * norms["am"] * k.lam / norms["kp"])
+
+
+def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, runner, step=0, lam=None):
     """One fine-tuning epoch of round `round_` (1-based); masks (n_mine, 8, h, w) = M_{t-1};
-    step: mining steps taken before this epoch (the warm-up, mining_lr).
+    step: mining steps taken before this epoch (the warm-up, mining_lr); lam: λ of the round
+    (balanced_lam; None: mine.lam).
 
     -> (mean loss, mean λ·L_KP / L_cls over its steps (None without KP), steps taken)."""
     k, device = cfg.mine, runner.device
-    set_phase(model, Phase.MINE)
+    lam = k.lam if lam is None else lam
+    mine_mode(model, k)
     net = runner.replicate(model)
     batches = mining_batches(k, len(mining), len(train), cfg.run.seed, round_, epoch)
     if k.kp == "full":                  # KP needs whole images in every process's slice
@@ -190,14 +228,14 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
     def loss_fn(idx):
         x, y, m, n = minibatch(idx, mining, train, masks, runner)      # this process's slice
         with autocast(device):
-            _, l_cls, l_kp = am_loss(net, model_a, x, y, m, n, k.kp, k.lam)
+            _, l_cls, l_kp = am_loss(net, model_a, x, y, m, n, k.kp, lam)
         # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).
         l_cls = runner.share(len(x), sum(map(len, idx))) * l_cls
         if l_kp is None:
             return l_cls
         l_kp = runner.share(len(x) - n, len(idx[1])) * l_kp
-        ratios.append(runner.average(k.lam * l_kp) / runner.average(l_cls))
-        return ops.total_loss(l_cls, l_kp, k.lam)
+        ratios.append(runner.average(lam * l_kp) / runner.average(l_cls))
+        return ops.total_loss(l_cls, l_kp, lam)
 
     loss = run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn,
                      lambda i: mining_lr(k, step + i), f"AM round {round_}/{k.rounds} epoch {epoch + 1}", runner)
@@ -210,7 +248,7 @@ def round_norms(model, model_a, mining, train, masks, cfg, round_, runner):
     first = mining_batches(k, len(mining), len(train), cfg.run.seed, round_, 0)[:1]
     if not first:
         return dict(am=None, cls=None, kp=None)
-    set_phase(model, Phase.MINE)
+    mine_mode(model, k)
     x, y, m, n = minibatch(first[0], mining, train, masks, runner)
     with autocast(runner.device):
         return term_norms(model, model_a, x, y, m, n, k)
@@ -225,9 +263,10 @@ def compute_cams(model, mining, masks, batch_size, label, runner):
     return h if h is not None else torch.zeros(0, B, *masks.shape[2:])
 
 
-def next_masks(h, m, labels, threshold):
-    """M_t from H_t (n, 8, h, w) and M_{t-1} (uint8, same shape); only positive classes change."""
-    updated = ops.update_masks(h, m, threshold)                                      # (n, 8, h, w)
+def next_masks(h, m, labels, threshold, dilate=0):
+    """M_t from H_t (n, 8, h, w) and M_{t-1} (uint8, same shape), each new region grown by
+    `dilate` cells (ops.dilate_erasure); only positive classes change."""
+    updated = ops.dilate_erasure(ops.update_masks(h, m, threshold), m, dilate)      # (n, 8, h, w)
     positive = labels[:, :B].bool()[:, :, None, None]                                # (n, 8, 1, 1)
     return torch.where(positive, updated, m)
 
@@ -275,7 +314,8 @@ ROUND_RECORD = {
     "kp_ratio": "mean λ·L_KP / L_cls over the round's steps (the paper wants about 1/2)",
     "grad_am": "‖∇θ‖ of the erased positives' share of L_cls, on the round's first minibatch before it trains",
     "grad_cls": "‖∇θ‖ of the rest of L_cls, the same minibatch",
-    "grad_kp": "‖∇θ‖ of λ·L_KP, the same minibatch (none without KP)",
+    "grad_kp": "‖∇θ‖ of λ·L_KP with the round's λ, the same minibatch (none without KP)",
+    "lam": "λ of the round (mine.lam, or lower by --mine.balance)",
     "auroc_b": "box-class test AUROC of N_B after the round",
     "auroc_a": "box-class test AUROC of N_A, the classifier before mining",
     "movement": "‖H_t − H_1 ⊙ M_{t-1}‖ / ‖H_1 ⊙ M_{t-1}‖ over the labelled maps (0: frozen)",
@@ -296,10 +336,10 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
     k = cfg.mine
     rows = runner.rows(len(mining))                           # the mining images this process maps
     batch = 2 * k.batch_size
-    model_a = frozen_copy(model)
+    model_a = frozen_copy(model, k.bn)
     if state is None:
         h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
-        state = dict(round=1, epoch=0, steps=0, norms=None, losses=[], ratios=[], records=[], cams=[], optimizer=None,
+        state = dict(round=1, epoch=0, steps=0, norms=None, lam=None, losses=[], ratios=[], records=[], cams=[], optimizer=None,
                      masks=[torch.ones(len(mining), B, h, h, dtype=torch.uint8)],
                      auroc_a=box_auroc(model, test, batch, runner), model_a=None)
         runner.broadcast_module(model_a)
@@ -309,7 +349,7 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
         except RuntimeError:
             raise RunError("the saved N_A holds another architecture; pass --overwrite to start over") from None
     state["model_a"] = model_a.state_dict()
-    opt = optimizer(set_phase(model, Phase.MINE), k.lr, cfg.train)
+    opt = optimizer(mine_mode(model, k), k.lr, cfg.train)
     if state["optimizer"] is not None:
         try:
             opt.load_state_dict(state["optimizer"])
@@ -321,9 +361,12 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
         if not state["losses"]:
             state["losses"].append(erased_loss(model, mining, masks, batch, runner))
             state["norms"] = round_norms(model, model_a, mining, train, masks, cfg, t, runner)
+            state["lam"] = balanced_lam(state["norms"], k)
+            if state["norms"]["kp"] is not None:
+                state["norms"]["kp"] *= state["lam"] / k.lam
         while not leveled_off(state["losses"], k):
             _, ratio, steps = mine_epoch(model, model_a, opt, mining, train, masks, cfg, t, state["epoch"], runner,
-                                         state["steps"])
+                                         state["steps"], state["lam"])
             state["epoch"] += 1
             state["steps"] += steps
             state["ratios"].append(ratio)
@@ -338,14 +381,14 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
         state["records"].append(dict(
             t=t, epochs=state["epoch"], loss_before=state["losses"][0], loss_after=state["losses"][-1],
             kp_ratio=float(np.mean(ratios)) if ratios else None,
-            **{f"grad_{name}": v for name, v in state["norms"].items()},
+            **{f"grad_{name}": v for name, v in state["norms"].items()}, lam=state["lam"],
             auroc_b=box_auroc(model, test, batch, runner), auroc_a=state["auroc_a"],
             movement=movement(state["cams"][-1].numpy(), state["cams"][0].numpy(), masks.numpy(), labels)
             if t > 1 else None))
         if t < k.rounds:
             state["masks"].append(runner.gather(next_masks(h_t, masks[rows], mining.labels[rows],
-                                                                k.threshold)))
-        state.update(round=t + 1, epoch=0, losses=[], ratios=[], norms=None)
+                                                           k.threshold, k.dilate)))
+        state.update(round=t + 1, epoch=0, losses=[], ratios=[], norms=None, lam=None)
         if save:
             save(state)
     return dict(cams=torch.stack(state["cams"]), masks=torch.stack(state["masks"]), records=state["records"])
@@ -366,5 +409,5 @@ def leveled_off(losses, k):
     return 0 <= before - after < k.level_off * abs(before)
 
 
-STATE_KEYS = ("round", "epoch", "steps", "norms", "losses", "ratios", "records", "cams", "masks", "optimizer", "auroc_a",
+STATE_KEYS = ("round", "epoch", "steps", "norms", "lam", "losses", "ratios", "records", "cams", "masks", "optimizer", "auroc_a",
               "model_a")

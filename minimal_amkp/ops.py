@@ -230,6 +230,22 @@ def update_masks(h, m, threshold=0.5):
 
 
 @torch.no_grad()
+def dilate_erasure(m_new, m_prev, r):
+    """= reference.dilate_erasure: M_t with every cell within r cells (Chebyshev) of a cell the
+    update just erased set to 0, by one (2r + 1)² max-pool. m_new, m_prev (..., H, W) binary ->
+    (..., H, W) in m_new's dtype and device. No gradient."""
+    if m_new.shape != m_prev.shape or m_new.dim() < 2:
+        raise ValueError(f"m_new and m_prev must have one shape (..., H, W), got {tuple(m_new.shape)} "
+                         f"and {tuple(m_prev.shape)}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"r must be a whole number >= 0, got {r!r}")
+    H, W = m_new.shape[-2:]
+    erased = ((m_prev == 1) & (m_new == 0)).reshape(-1, 1, H, W).float()
+    grown = F.max_pool2d(erased, 2 * r + 1, 1, r).reshape(m_new.shape) > 0
+    return torch.where(grown, torch.zeros_like(m_new), m_new)
+
+
+@torch.no_grad()
 def fuse_heatmaps(cams, masks):
     """Eq. (8), = reference.fuse_heatmaps: H_f = (1/T) Σ_t [H_t + Σ_{t'<t} H_{t'} ⊙ M̄_{t'}].
 

@@ -32,7 +32,7 @@ def test_the_fingerprint_sees_a_different_dropped_image_with_the_same_count():
 
 def mining_state(model_a):
     record = {k: 0.5 for k in ROUND_RECORD} | {"t": 1, "epochs": 2, "movement": None}
-    return dict(round=2, epoch=1, steps=3, norms=dict(am=0.1, cls=0.2, kp=None), losses=[0.4, 0.3],
+    return dict(round=2, epoch=1, steps=3, norms=dict(am=0.1, cls=0.2, kp=None), lam=0.5, losses=[0.4, 0.3],
                 ratios=[0.5], records=[record],
                 cams=[torch.zeros(3, 8, 4, 4)], masks=[torch.ones(3, 8, 4, 4, dtype=torch.uint8)] * 2,
                 optimizer=None, auroc_a=0.9, model_a=model_a.state_dict())
@@ -76,6 +76,7 @@ def test_a_whole_checkpoint_passes_and_its_rng_comes_back(tmp_path):
     (dict(steps=-1), "mining steps -1 is not a count"),
     (dict(norms=dict(am="x")), "the round's gradient norms are not numbers"),
     (dict(norms=None), "the round's gradient norms are not numbers"),
+    (dict(lam="half"), "the round's λ 'half' is not a number"),
 ])
 def test_a_bad_mining_counter_is_named(tmp_path, change, message):
     model, model_a = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)

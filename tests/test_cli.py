@@ -528,3 +528,19 @@ def test_an_image_that_breaks_after_the_check_ends_the_run_in_one_line(monkeypat
     assert main(["--data", str(root), "--out", str(tmp_path / "out"), *MICRO, "--data.preload", "false",
                  "--skip-bad-images"]) == 1
     assert re.search(r"images/\d+_\d+\.png: cannot read image \(OSError: ", error_line(capsys))
+
+
+def test_regrid_rereports_a_finished_run_on_either_grid(finished, tmp_path, capsys):
+    from minimal_amkp.study import regrid
+    out, _ = finished
+    original = json.loads((out / "report.json").read_text())
+    regrid.main([str(out), str(tmp_path / "network"), "--grid", "network"])
+    again = json.loads((tmp_path / "network" / "report.json").read_text())
+    assert again["grid"] == original["grid"] == {"stride": 8, "offset": 0.5}     # 64 px, X at 1/8
+    assert again["summary"] == original["summary"] and again["lesions"] == original["lesions"]
+    regrid.main([str(out), str(tmp_path / "naive")])
+    naive = json.loads((tmp_path / "naive" / "report.json").read_text())
+    assert naive["grid"] == {"stride": 8, "offset": 4} and naive["rounds"] == original["rounds"]
+    assert "on the naive grid (stride 8, offset 4)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"^regrid: .*nowhere: not a finished run \(.*mining.npz'\)$"):
+        regrid.main([str(tmp_path / "nowhere"), str(tmp_path / "x")])

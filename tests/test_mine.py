@@ -5,8 +5,8 @@ import torch
 
 from minimal_amkp import reference as R
 from minimal_amkp.config import MineConfig, ModelConfig, preset
-from minimal_amkp.mine import (ROUND_RECORD, am_loss, attention_mining, batch_masks, compute_cams,
-                               frozen_copy, leveled_off, mine_epoch, mining_batches, mining_lr, movement,
+from minimal_amkp.mine import (ROUND_RECORD, am_loss, attention_mining, balanced_lam, batch_masks, compute_cams,
+                               frozen_copy, leveled_off, mine_epoch, mine_mode, mining_batches, mining_lr, movement,
                                next_masks, term_norms)
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.classify import Phase, set_phase
@@ -45,7 +45,7 @@ def test_one_am_round_erases_the_cam_peak_of_positive_classes_only():
     cfg, model = micro()
     mining, train = Memory(6, 1), Memory(24, 2)
     m0 = torch.ones(6, 8, H, H, dtype=torch.uint8)
-    opt = optimizer(set_phase(model, Phase.MINE), cfg.mine.lr, cfg.train)
+    opt = optimizer(mine_mode(model, cfg.mine), cfg.mine.lr, cfg.train)
     mine_epoch(model, frozen_copy(model), opt, mining, train, m0, cfg, 1, 0, Runner())
     h1 = compute_cams(model, mining, m0, 4, "CAMs", Runner())
     m1 = next_masks(h1, m0, mining.labels, 0.5)
@@ -89,10 +89,12 @@ def kp_batch(model):
     return x, y, m
 
 
-def test_full_kp_is_zero_for_identical_networks_and_grows_as_n_b_drifts():
+@pytest.mark.parametrize("bn", ["frozen", "batch"])
+def test_full_kp_is_zero_for_identical_networks_and_grows_as_n_b_drifts(bn):
     cfg, model = micro()
-    model_a = frozen_copy(model)
-    opt = optimizer(set_phase(model, Phase.MINE), 0.05, cfg.train)
+    cfg.mine.bn = bn
+    model_a = frozen_copy(model, bn)
+    opt = optimizer(mine_mode(model, cfg.mine), 0.05, cfg.train)
     x, y, m = kp_batch(model)
     loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
     assert l_kp.item() < 1e-10                     # float rounding only: batches of 8 vs 6 images
@@ -101,11 +103,25 @@ def test_full_kp_is_zero_for_identical_networks_and_grows_as_n_b_drifts():
     loss, l_cls, l_kp = am_loss(model, model_a, x, y, m, 2, "full", 0.5)
     assert l_kp.item() > 0 and loss.item() == pytest.approx(l_cls.item() + 0.5 * l_kp.item(), rel=1e-6)
     # L_KP is eq. (5) over layer3, layer4, the MSA output and the logits of the 6 whole images
-    # (both networks see the whole minibatch: batch norm uses its statistics).
+    # (both networks see the whole minibatch, their batch norm in one mode).
+    mine_mode(model, cfg.mine)
     with torch.no_grad():
         a, b = model_a(x), model(x)
     pairs = [(fa[2:].double().numpy(), fb[2:].double().numpy()) for fa, fb in zip(a, b)]
     assert l_kp.item() == pytest.approx(R.kp_loss(pairs), rel=1e-4)
+
+
+def test_frozen_batch_norm_keeps_the_classifiers_statistics():
+    cfg, model = micro()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    opt = optimizer(mine_mode(model, cfg.mine), 0.05, cfg.train)
+    mine_epoch(model, frozen_copy(model), opt, Memory(6, 1), Memory(24, 2), torch.ones(6, 8, H, H, dtype=torch.uint8),
+               cfg, 1, 0, Runner())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    cfg.mine.bn = "batch"
+    mine_epoch(model, frozen_copy(model, "batch"), opt, Memory(6, 1), Memory(24, 2),
+               torch.ones(6, 8, H, H, dtype=torch.uint8), cfg, 1, 0, Runner())
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_term_norms_split_the_loss_and_leave_batch_norm_alone():
@@ -113,10 +129,10 @@ def test_term_norms_split_the_loss_and_leave_batch_norm_alone():
     KP-Vanilla has none; the batch-norm running statistics are not moved by measuring."""
     cfg, model = micro()
     model_a = frozen_copy(model)
-    opt = optimizer(set_phase(model, Phase.MINE), 0.05, cfg.train)
+    opt = optimizer(mine_mode(model, cfg.mine), 0.05, cfg.train)
     mine_epoch(model, model_a, opt, Memory(6, 1), Memory(24, 2), torch.ones(6, 8, H, H, dtype=torch.uint8),
                cfg, 1, 0, Runner())
-    set_phase(model, Phase.MINE)
+    mine_mode(model, cfg.mine)
     x, y, m = kp_batch(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     k = cfg.mine
@@ -143,7 +159,7 @@ def test_vanilla_and_none_have_no_kp_term(kp):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
-    set_phase(model, Phase.MINE)
+    mine_mode(model, cfg.mine)
     x, y, m = kp_batch(model)
     n = 2 if kp == "vanilla" else 8
     if kp == "none":
@@ -159,7 +175,7 @@ def test_none_mode_never_reads_a_train_image():
         def batch(self, idx):
             raise AssertionError("kp=none read a train_val image")
 
-    opt = optimizer(set_phase(model, Phase.MINE), 0.05, cfg.train)
+    opt = optimizer(mine_mode(model, cfg.mine), 0.05, cfg.train)
     mine_epoch(model, frozen_copy(model), opt, Memory(16, 1), NoTrain(24, 2),
                torch.ones(16, 8, H, H, dtype=torch.uint8), cfg, 1, 0, Runner())
 
@@ -243,3 +259,14 @@ def test_resumed_from_any_saved_state_mining_ends_as_an_uninterrupted_run():
         torch.testing.assert_close(out["cams"], whole["cams"], rtol=0, atol=0, msg=lambda m: f"from save {k}: {m}")
         assert torch.equal(out["masks"], whole["masks"]) and out["records"] == whole["records"], k
     assert start.keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("norms, balance, want", [
+    (dict(am=0.02, cls=0.05, kp=0.6), 0.0, 0.5),             # the paper's fixed λ
+    (dict(am=0.02, cls=0.05, kp=0.6), 1.0, 0.5 * 0.02 / 0.6),  # KP's gradient brought down to the AM term's
+    (dict(am=0.02, cls=0.05, kp=0.01), 1.0, 0.5),            # never above mine.lam
+    (dict(am=0.02, cls=0.05, kp=0.0), 1.0, 0.5),             # round 1: N_B = N_A, nothing to measure
+    (dict(am=0.02, cls=0.05, kp=None), 1.0, 0.5),            # no KP
+])
+def test_balanced_lam(norms, balance, want):
+    assert balanced_lam(norms, MineConfig(lam=0.5, balance=balance)) == pytest.approx(want)

@@ -235,6 +235,19 @@ def test_fuse_heatmaps_equals_reference(t, n, c, h, w, cam, mask, seed):
     np.testing.assert_array_equal(got.numpy(), want)
 
 
+@settings(SHAPES, max_examples=examples(40))
+@given(n=st.integers(1, 2), c=st.integers(1, 3), h=ODD, w=ODD, r=st.integers(0, 3),
+       mask=st.sampled_from(["random", "dense", "zeros", "ones"]), seed=st.integers(0, 2**32 - 1))
+@example(n=1, c=1, h=1, w=1, r=1, mask="ones", seed=0)
+def test_dilate_erasure_equals_reference(n, c, h, w, r, mask, seed):
+    rng = np.random.default_rng(seed)
+    prev = live_cells(rng, mask, (n, c, h, w))
+    new = prev * live_cells(rng, "dense", (n, c, h, w))                  # the update only erases
+    got = ops.dilate_erasure(torch.tensor(new, dtype=torch.uint8), torch.tensor(prev, dtype=torch.uint8), r)
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), R.dilate_erasure(new, prev, r))
+
+
 def test_mask_update_and_fusion_refuse_bad_input_in_one_line():
     z, one = torch.zeros(2, 3), torch.ones(2, 3)
     raises_one_line(ValueError, r"^threshold must lie in \[0, 1\], got 1.5$",
@@ -243,6 +256,8 @@ def test_mask_update_and_fusion_refuse_bad_input_in_one_line():
                     lambda: ops.update_masks(z, one.T))
     raises_one_line(ValueError, r"^cams and masks must be non-empty lists of equal length, got 1 and 2$",
                     lambda: ops.fuse_heatmaps([z], [one, one]))
+    raises_one_line(ValueError, r"^r must be a whole number >= 0, got -1$", lambda: ops.dilate_erasure(z, one, -1))
+    raises_one_line(ValueError, r"^m_new and m_prev must have one shape", lambda: ops.dilate_erasure(z, one.T, 1))
     raises_one_line(ValueError, r"^cams\[0\] and masks\[1\] must have the same shape, got \(2, 3\) and \(3, 2\)$",
                     lambda: ops.fuse_heatmaps([z, z], [one, one.T]))
     raises_one_line(ValueError, r"^masks\[0\] must be all ones: it is M_0, the mask of the first round$",

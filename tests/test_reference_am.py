@@ -218,3 +218,32 @@ def test_bad_input_gets_a_one_line_value_error(call, message):
     with pytest.raises(ValueError, match=message) as info:
         call()
     assert "\n" not in str(info.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_dilate_erasure_grows_only_the_new_region(h, w, r, seed):
+    """Cells within r (Chebyshev) of a newly erased cell are erased, no other live cell is,
+    nothing comes back, and r = 0 changes nothing."""
+    rng = np.random.default_rng(seed)
+    prev = (rng.random((h, w)) < 0.8).astype(float)
+    new = prev * (rng.random((h, w)) < 0.8)
+    got = R.dilate_erasure(new, prev, r)
+    fresh = np.argwhere((prev == 1) & (new == 0))                         # (k, 2)
+    near = np.zeros((h, w), bool)
+    for i, j in fresh:
+        near[max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1] = True
+    want = np.where(near, 0.0, new)
+    bad = np.argwhere(got != want)
+    assert bad.size == 0, f"first wrong cell {tuple(bad[0])}: got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}"
+    assert np.all(got <= new)
+    np.testing.assert_array_equal(R.dilate_erasure(new, prev, 0), new)
+
+
+def test_dilate_erasure_bad_input():
+    with pytest.raises(ValueError, match=r"^r must be a whole number >= 0, got 1.5$"):
+        R.dilate_erasure(np.ones((2, 2)), np.ones((2, 2)), 1.5)
+    with pytest.raises(ValueError, match=r"^m_new and m_prev must have the same shape"):
+        R.dilate_erasure(np.ones((2, 2)), np.ones((2, 3)), 1)
+    with pytest.raises(ValueError, match=r"^m_new: masks must hold only 0 and 1"):
+        R.dilate_erasure(np.full((2, 2), 0.5), np.ones((2, 2)), 1)

@@ -159,6 +159,25 @@ def update_masks(h, m, threshold=0.5):
     return new
 
 
+def dilate_erasure(m_new, m_prev, r):
+    """The erasure ladder's `--mine.dilate R` (ours; the paper erases the component alone):
+    M_t' = M_t with every cell within r cells (8-neighbourhood, Chebyshev distance <= r) of a
+    cell the update just erased (M_{t-1} = 1, M_t = 0) also set to 0, so that evidence the
+    receptive field carries just outside a region goes with it. Earlier rounds' regions were
+    grown in their own round and are not grown again. r = 0 gives M_t back.
+    m_new M_t, m_prev M_{t-1} (..., H, W) binary -> (..., H, W) in m_new's dtype.
+    """
+    m_new = checks.binary("m_new", checks.array("m_new", m_new, min_ndim=2))
+    m_prev = checks.binary("m_prev", checks.array("m_prev", m_prev, min_ndim=2))
+    checks.same_shape("m_new", m_new, "m_prev", m_prev)
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"r must be a whole number >= 0, got {r!r}")
+    erased = (m_prev == 1) & (m_new == 0)                                 # (..., H, W)
+    size = (1,) * (erased.ndim - 2) + (2 * r + 1, 2 * r + 1)
+    grown = ndimage.maximum_filter(erased, size=size, mode="constant", cval=False)
+    return np.where(grown, 0.0, m_new)
+
+
 def fuse_heatmaps(cams, masks):
     """Eq. (8): H_f = (1/T) Σ_{t=1..T} [ H_t + Σ_{t'=1..t-1} H_{t'} ⊙ M̄_{t'} ],  M̄ = 1 − M̂.
 

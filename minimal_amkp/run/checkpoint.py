@@ -206,4 +206,6 @@ def mining_problem(state, k, n, h):
     norms = state["norms"]
     if not (norms is None if not losses else isinstance(norms, dict) and all(v is None or number(v) for v in norms.values())):
         return "the round's gradient norms are not numbers"
+    if not (state["lam"] is None if not losses else number(state["lam"])):
+        return f"the round's λ {state['lam']!r} is not a number"
     return None

@@ -106,13 +106,13 @@ def rounds_markdown(rounds):
     if not rounds:
         return []
     lines = ["## Attention-mining rounds", "",
-             "| t | epochs | erased-image loss before → after | mean λ·L_KP / L_cls | "
+             "| t | epochs | erased-image loss before → after | λ, mean λ·L_KP / L_cls | "
              "‖∇‖ erased positives / rest of L_cls / λ·L_KP | box-class AUROC N_B (N_A) | movement |",
              "|---|---|---|---|---|---|---|"]
     for d in rounds:
         norms = " / ".join("n/a" if d[k] is None else f"{d[k]:.3f}" for k in ("grad_am", "grad_cls", "grad_kp"))
         lines.append(f"| {d['t']} | {d['epochs']} | {d['loss_before']:.4f} → {d['loss_after']:.4f} | "
-                     f"{fmt(d['kp_ratio'])} | {norms} | {fmt(d['auroc_b'])} ({fmt(d['auroc_a'])}) | "
+                     f"{fmt(d['lam'])}, {fmt(d['kp_ratio'])} | {norms} | {fmt(d['auroc_b'])} ({fmt(d['auroc_a'])}) | "
                      f"{fmt(d['movement'])} |")
     return lines + [""] + [f"- {k}: {v}" for k, v in ROUND_RECORD.items() if k != "t"] + [""]
 
