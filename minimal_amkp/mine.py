@@ -173,11 +173,11 @@ def term_norms(model, model_a, x, y, m, n_erased, k):
     return out
 
 
-def minibatch(idx, mining, train, masks, runner):
-    """This process's slice of one mining minibatch idx = (mining positions, train_val positions)
-    -> x (n, 1, S, S), y (n, 14), m (n, 14, h, w) float32 (the train_val images' all ones) on
-    the runner's device, and how many of them are erased mining images."""
-    mi, ti = (runner.shard(i) for i in idx)
+def minibatch(idx, mining, train, masks, runner, shard=True):
+    """This process's slice (shard=False: all) of one mining minibatch idx = (mining positions,
+    train_val positions) -> x (n, 1, S, S), y (n, 14), m (n, 14, h, w) float32 (the train_val
+    images' all ones) on the runner's device, and how many of them are erased mining images."""
+    mi, ti = (runner.shard(i) for i in idx) if shard else idx
     xm, ym = mining.batch(mi)
     m = batch_masks(masks[torch.as_tensor(mi)], ym.shape[1])
     if len(ti):
@@ -243,13 +243,14 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
 
 
 def round_norms(model, model_a, mining, train, masks, cfg, round_, runner):
-    """term_norms on the first minibatch of round `round_` under M_{t-1} (its training mode)."""
+    """term_norms on the whole first minibatch of round `round_` under M_{t-1} (its training
+    mode): every process measures the same numbers, so λ (balanced_lam) is the same on all."""
     k = cfg.mine
     first = mining_batches(k, len(mining), len(train), cfg.run.seed, round_, 0)[:1]
     if not first:
         return dict(am=None, cls=None, kp=None)
     mine_mode(model, k)
-    x, y, m, n = minibatch(first[0], mining, train, masks, runner)
+    x, y, m, n = minibatch(first[0], mining, train, masks, runner, shard=False)
     with autocast(runner.device):
         return term_norms(model, model_a, x, y, m, n, k)
 

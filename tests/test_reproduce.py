@@ -13,7 +13,7 @@ from minimal_amkp.reference import DEFAULT_AFP_BOUNDS
 # 40 images at 64 px and a width-4 network: each of the 18 cells takes a second or two.
 MICRO = ["--model.width", "4", "--model.msa_channels", "16,8", "--train.batch_size", "8",
          "--mine.batch_size", "8", "--train.base_epochs", "2", "--train.msa_frozen_epochs", "1",
-         "--train.msa_epochs", "2", "--data.workers", "1"]
+         "--train.msa_epochs", "2", "--mine.epochs", "2", "--mine.min-epochs", "1", "--data.workers", "1"]
 VERDICTS = ("holds", "does not hold", "within noise")
 
 
