@@ -544,3 +544,17 @@ def test_regrid_rereports_a_finished_run_on_either_grid(finished, tmp_path, caps
     assert "on the naive grid (stride 8, offset 4)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"^regrid: .*nowhere: not a finished run \(.*mining.npz'\)$"):
         regrid.main([str(tmp_path / "nowhere"), str(tmp_path / "x")])
+
+
+def test_fork_mines_again_from_a_finished_runs_classifier(finished, tmp_path, capsys):
+    from minimal_amkp.study import fork
+    out, _ = finished
+    fork.main([str(out), str(tmp_path / "fork"), "--mine.rounds", "1"])
+    printed = capsys.readouterr().out
+    assert "from" in printed and "round 1: " in printed and "round 2" not in printed
+    original, again = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "fork"))
+    assert again["rounds"][0]["auroc_a"] == original["rounds"][0]["auroc_a"]      # the same N_A
+    with pytest.raises(SystemExit, match=r"^usage: python -m minimal_amkp.study.fork SOURCE OUT"):
+        fork.main([str(out)])
+    with pytest.raises(SystemExit, match=r"^fork: .*nowhere.*config.json"):
+        fork.main([str(tmp_path / "nowhere"), str(tmp_path / "x")])

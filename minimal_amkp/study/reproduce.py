@@ -149,9 +149,9 @@ def with_epochs(given, options):
     return options + ["--train.base-epochs", str(t.base_epochs + t.msa_frozen_epochs + t.msa_epochs)]
 
 
-def fork(source, argv):
-    """Start a cell from the source cell's N_A, the network as trained before mining began."""
-    cfg = cli.parse(argv)[0]
+def fork(source, cfg):
+    """Make cfg.run.out a run of Config cfg that starts from the source run's N_A, the network
+    as trained before mining began (its model, data and train settings must be cfg's)."""
     out = cfg.run.out
     state = checkpoint.load(source)
     if state is None or state["mining"] is None:
@@ -193,7 +193,7 @@ def run_cell(name, argv, source):
         return
     start = time.perf_counter()
     if source is not None and not os.path.exists(os.path.join(out, "config.json")):
-        fork(source, argv)
+        fork(source, cli.parse(argv)[0])
     resume = os.path.exists(os.path.join(out, "config.json"))
     if not resume and os.path.isdir(out):
         shutil.rmtree(out)                     # a cell that died before its first checkpoint
