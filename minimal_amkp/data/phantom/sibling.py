@@ -1,15 +1,15 @@
-"""Lesion B of the positive control: a disk of parallel stripes whose angle names its class.
+"""Lesion B of the positive control: a disk of parallel stripes whose angle and spacing name its class.
 
 The scenarios of the phantom (`--scenario`; a run's `--data.phantom-scenario`):
 - v2: the phantom of film.py; nothing here is drawn.
 - hidden-sibling, the positive control of attention mining. Every positive of a box class
   carries one lesion A of that class, drawn by that class's sign in film.py (its first, most
   conspicuous lesion: Chest.one_lesion). With probability B_SHARE, per image and class, it also
-  carries a lesion B of the class: a disk of parallel stripes at c·ANGLE, which no sign of v2
-  resembles, lying whole inside a lung, clear of the heart shadow, with its centre at least
-  FAR·S from the centre of A's box. Where no such place is, the image has no B. So B never
-  appears without A: a classifier needs only A, and B is what mining is meant to find once A is
-  erased.
+  carries a lesion B of the class: a disk of parallel stripes (`code`: one of 4 angles 45°
+  apart and one of 2 spacings), which no sign of v2 resembles, lying mostly inside a lung,
+  clear of the heart shadow, with its centre at least FAR·S from the centre of A's box. Where
+  no such place is, the image has no B. So B never appears without A: a classifier needs only
+  A, and B is what mining is meant to find once A is erased.
 - sibling-alone: every positive of a box class carries B alone (no A, anywhere in the lungs),
   the data on which a classifier must show that B can be learnt at all.
 Findings of the other classes are drawn as in v2. The control makes no claim of realism:
@@ -27,15 +27,19 @@ from minimal_amkp.data.phantom.anatomy import smoothstep
 
 SCENARIOS = CHOICES[("data", "phantom_scenario")]
 # Bump whenever B changes: the control's cached phantoms (job.phantom_root) are named by it.
-VERSION = 1
+VERSION = 2
 B_SHARE = 0.5             # P(B) per positive image and box class (hidden-sibling)
 # B's centre lies this share of the image side from A's box centre: 8 map cells of the tiny
 # preset (16 cells of 8 px over 128 px), the distance at which a map's cells are surely apart.
 FAR = 0.5
-RADIUS = (0.05, 0.0625)   # of the image side: a disk of 13-16 px at 128 px, about two map cells
-PERIOD = 1 / 32           # of the image side: 4 px at 128 px, three or four stripes across
+RADIUS = (0.07, 0.08)     # of the image side: a disk of 18-20 px at 128 px, two map cells and a bit
+# Stripe spacings, of the image side: 5.3 and 9.1 px at 128 px, well above the 4-px period
+# at the Nyquist limit of the stem's stride 2 (a first B, 4-px stripes at 8 angles 22.5°
+# apart, was told apart for one class in eight by the tiny preset), and apart still under
+# its ±15% zoom.
+PERIODS = (1 / 24, 1 / 14)
+ANGLE = 45.0              # degrees between the stripes of classes c and c + 1 (c < 4, and c >= 4)
 AMP = (0.3, 0.4)          # density of a bright stripe (v2's signs add 0.25-0.75)
-ANGLE = 22.5              # degrees between the stripes of consecutive box classes
 EDGE = 1.5                # px over which the disk fades in
 TAG = 0xB                 # the last word of B's seed: stream(seed, i) is not v2's [seed, i + 1]
 
@@ -45,9 +49,16 @@ def stream(seed, i):
     return np.random.default_rng([seed, i + 1, TAG])
 
 
+def code(c):
+    """Box class c's stripes: (angle in degrees from the image's rows, turning clockwise on screen
+    as y runs down; period as a share of the image side). Four angles, two spacings."""
+    return ANGLE * (c % 4), PERIODS[c // 4]
+
+
 def _place(rng, free, r, far_from, taken, size):
-    """A disk centre (x, y) in pixels, on a pixel centre: the disk of radius r lies within the
-    free area (free: distance in px to the nearest pixel outside it), its centre FAR·S + 1 px
+    """A disk centre (x, y) in pixels, on a pixel centre: the centre lies r/2 inside the free
+    area (free: distance in px to the nearest pixel outside it; most of the disk is then in
+    it, and a lung's narrow apex and base still take one), its centre FAR·S + 1 px
     from every point of far_from (the pixel lets B's box centre clear FAR·S too) and the disk
     clear of the disks taken [(x, y, r)]. None when no pixel qualifies."""
     ys, xs = np.nonzero(free >= r / 2)
@@ -64,16 +75,15 @@ def _place(rng, free, r, far_from, taken, size):
 
 
 def _stripes(ch, c, cx, cy, r, amp):
-    """Add the striped disk of class c at (cx, cy) px to ch.extra -> its support (S, S) bool.
-
-    The stripes run at c·ANGLE from the image's rows (turning clockwise on screen: y runs
-    down), a bright one through the centre."""
+    """Add the striped disk of class c (`code`) at (cx, cy) px to ch.extra -> its support (S, S)
+    bool. A bright stripe runs through the centre."""
     yy, xx = np.mgrid[:ch.size, :ch.size].astype(np.float32) + np.float32(0.5)
     dx, dy = xx - np.float32(cx), yy - np.float32(cy)
     disk = smoothstep(np.float32(r) - np.hypot(dx, dy), EDGE)
-    th = np.deg2rad(ANGLE * c)
+    angle, period = code(c)
+    th = np.deg2rad(angle)
     across = np.float32(-np.sin(th)) * dx + np.float32(np.cos(th)) * dy
-    wave = 0.5 + 0.5 * np.cos(np.float32(2 * np.pi / (PERIOD * ch.size)) * across)
+    wave = 0.5 + 0.5 * np.cos(np.float32(2 * np.pi / (period * ch.size)) * across)
     ch.extra += np.float32(amp) * disk * wave
     return disk > 0.5
 
