@@ -27,7 +27,7 @@ from minimal_amkp.data.phantom.anatomy import smoothstep
 
 SCENARIOS = CHOICES[("data", "phantom_scenario")]
 # Bump whenever B changes: the control's cached phantoms (job.phantom_root) are named by it.
-VERSION = 2
+VERSION = 3
 B_SHARE = 0.5             # P(B) per positive image and box class (hidden-sibling)
 # B's centre lies this share of the image side from A's box centre: 8 map cells of the tiny
 # preset (16 cells of 8 px over 128 px), the distance at which a map's cells are surely apart.
@@ -39,7 +39,9 @@ RADIUS = (0.07, 0.08)     # of the image side: a disk of 18-20 px at 128 px, two
 # its ±15% zoom.
 PERIODS = (1 / 24, 1 / 14)
 ANGLE = 45.0              # degrees between the stripes of classes c and c + 1 (c < 4, and c >= 4)
-AMP = (0.3, 0.4)          # density of a bright stripe (v2's signs add 0.25-0.75)
+# Density of a bright stripe (v2's signs add 0.25-0.75, the ribs 0.11). At 0.3-0.4, B was
+# learnt beside A: H_1 found 44% of the B lesions at IoU 0.3 (the gate asks for at most 20%).
+AMP = (0.2, 0.25)
 EDGE = 1.5                # px over which the disk fades in
 TAG = 0xB                 # the last word of B's seed: stream(seed, i) is not v2's [seed, i + 1]
 
@@ -51,8 +53,9 @@ def stream(seed, i):
 
 def code(c):
     """Box class c's stripes: (angle in degrees from the image's rows, turning clockwise on screen
-    as y runs down; period as a share of the image side). Four angles, two spacings."""
-    return ANGLE * (c % 4), PERIODS[c // 4]
+    as y runs down; period as a share of the image side). Four angles, none along the ribs,
+    and two spacings."""
+    return ANGLE / 2 + ANGLE * (c % 4), PERIODS[c // 4]
 
 
 def _place(rng, free, r, far_from, taken, size):
