@@ -42,6 +42,7 @@ class DataConfig:
     phantom_images: int = 2000             # phantom generated when --data is not given
     phantom_size: int = 512
     phantom_seed: int = 0
+    phantom_scenario: str = "v2"           # v2 | hidden-sibling (the positive control) | sibling-alone (its lesion B only)
 
 
 @dataclass
@@ -104,7 +105,8 @@ CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
            ("mine", "bn"): ("frozen", "batch"),
            ("train", "optimizer"): ("sgd", "adamw"),
            ("run", "device"): ("auto", "cpu", "cuda"),
-           ("run", "preset"): ("tiny", "paper")}
+           ("run", "preset"): ("tiny", "paper"),
+           ("data", "phantom_scenario"): ("v2", "hidden-sibling", "sibling-alone")}
 
 # `tiny` was chosen on phantom v2 (6000 images, 128 px) so that the whole run fits in a few
 # minutes on 2 CPU cores with a map of at least 16×16. Measured choices, each a field one can
@@ -161,6 +163,9 @@ def validate(cfg):
         (d.workers >= 1, f"--data.workers must be >= 1, got {d.workers}"),
         (32 <= d.phantom_size <= 4096, "--data.phantom_size must lie in [32, 4096]"),
         (d.phantom_seed >= 0, f"--data.phantom_seed must be >= 0, got {d.phantom_seed}"),
+        (d.phantom_scenario in CHOICES[("data", "phantom_scenario")],
+         f"--data.phantom_scenario must be one of {', '.join(CHOICES[('data', 'phantom_scenario')])}, "
+         f"got {d.phantom_scenario!r}"),
         (t.batch_size >= 2 and k.batch_size >= 2, "batch sizes must be >= 2 (batch norm)"),
         (finite(t.lr) and t.lr > 0, f"--train.lr must be a positive number, got {t.lr}"),
         (finite(k.lr) and k.lr > 0, f"--mine.lr must be a positive number, got {k.lr}"),

@@ -234,3 +234,32 @@ def test_a_traversing_name_in_a_release_is_refused_or_skipped(tmp_path):
     assert len(caught) == 3 and "skipped 2 bad item(s)" in str(caught[-1].message)
     assert set(ds.entries) == {r.split(",")[0] for r in ROWS_2017}
     assert all("/" not in b.image for bs in ds.boxes.values() for b in bs)
+
+
+KINDS_HEAD = "Image Index,Finding Label,Bbox [x,y,w,h],kind"
+
+
+def test_lesion_kinds_read_back_row_for_row_with_bbox_list(tmp_path):
+    root = make_root(tmp_path)
+    assert cx.read_dataset(root).kinds is None                       # v2 and the release: no file
+    write(root / cx.LESION_KINDS, [KINDS_HEAD, BOX_ROWS[0] + ",A", BOX_ROWS[1] + ",B"])
+    ds = cx.read_dataset(root)
+    assert [k for _, k in ds.kinds] == ["A", "B"]
+    assert [b for b, _ in ds.kinds] == ds.boxes["00013118_008.png"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([KINDS_HEAD, BOX_ROWS[0] + ",A"], r"lesion_kinds\.csv: 1 boxes, but BBox_List_2017\.csv has 2$"),
+    ([KINDS_HEAD, BOX_ROWS[0] + ",A", BOX_ROWS[1] + ",C"], r"lesion_kinds\.csv line 3: kind 'C' is not one of A, B$"),
+    ([KINDS_HEAD, BOX_ROWS[1] + ",A", BOX_ROWS[0] + ",B"],
+     r"lesion_kinds\.csv line 2: 00013118_008\.png Infiltrate \(600\.0, 100\.5, 200\.0, 300\.0\) is not the box "
+     r"on the same row of BBox_List_2017\.csv$"),
+    ([KINDS_HEAD, BOX_ROWS[0], BOX_ROWS[1] + ",B"], r"lesion_kinds\.csv line 2: too few fields: expected 7, got 6$"),
+    ([BBOX_2017, BOX_ROWS[0] + ",A", BOX_ROWS[1] + ",B"], r"lesion_kinds\.csv line 1: unknown header"),
+])
+def test_a_malformed_lesion_kinds_file_is_one_data_error_line(tmp_path, rows, message):
+    root = make_root(tmp_path)
+    write(root / cx.LESION_KINDS, rows)
+    with pytest.raises(cx.DataError) as e:
+        cx.read_dataset(root, skip_bad=True)                         # which lesion is which is never skipped
+    assert re.search(message, str(e.value)) and "\n" not in str(e.value), str(e.value)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from minimal_amkp.data import phantom
+from minimal_amkp.data.phantom import sibling
 from minimal_amkp.run.cli import main
 from minimal_amkp.run.job import phantom_root
 from minimal_amkp.config import ModelConfig
@@ -95,6 +96,8 @@ def error_line(capsys):
     (["--train.lrr", "0.1"], r"unrecognized arguments: --train.lrr"),
     (["--train.lr", "fast"], r"--train.lr: cannot read 'fast' as float"),
     (["--mine.kp", "maybe"], r"--mine.kp: 'maybe' is not one of full, vanilla, none"),
+    (["--data.phantom-scenario", "control"],
+     r"--data.phantom_scenario: 'control' is not one of v2, hidden-sibling, sibling-alone$"),
     (["--model.blocks", "1,1"], r"--model.blocks needs 3 or 4 counts"),
     (["--resume", "--overwrite"], r"--resume and --overwrite exclude each other"),
 ])
@@ -234,6 +237,10 @@ def test_the_default_phantom_is_generated_once_into_data(monkeypatch, tmp_path):
     stamp = os.path.getmtime(os.path.join(root, "Data_Entry_2017.csv"))
     assert phantom_root(cfg) == root and os.path.getmtime(os.path.join(root, "Data_Entry_2017.csv")) == stamp
     assert os.listdir("data") == [f"phantom-v{phantom.VERSION}-n20-s32-seed0"]
+    cfg.data.phantom_scenario = "hidden-sibling"                  # the positive control: its own folder
+    control = phantom_root(cfg)
+    assert control == os.path.join("data", f"phantom-v{phantom.VERSION}-hidden-sibling-b{sibling.VERSION}-n20-s32-seed0")
+    assert os.path.isfile(os.path.join(control, "lesion_kinds.csv"))
 
 
 # ---------------------------------------------------------------- hardening (issue 15)

@@ -4,8 +4,8 @@ import pytest
 
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES, BBox
-from minimal_amkp.run.lesions import (EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
-                                  peak_position, peaks_in_chest)
+from minimal_amkp.run.lesions import (EXTENDED, gain_and_loss_picks, gains, kind_recall, later_peaks,
+                                  lesion_numbers, peak_position, peaks_in_chest)
 
 NAMES = ["a.png", "b.png", "c.png"]
 # a: two Atelectasis lesions, b: one, c: one Effusion.
@@ -31,6 +31,22 @@ def test_recall_splits_lesions_by_how_many_their_image_has_of_their_class():
     np.testing.assert_allclose(r["extent_iou_mean"], np.mean([2 / 3, 0.5]))
     second = found + [box("a.png", 0, 50, 50, 10, 10, rank=3)]          # a rank-3 box counts too
     assert lesion_numbers(second, NAMES, GT)["recall"]["iou 0.3"]["multi"] == 1.0
+
+
+def test_kind_recall_counts_lesions_a_and_b_apart():
+    a0, b0 = BBox("a.png", 0, 0, 0, 10, 10), BBox("a.png", 0, 50, 50, 10, 10)
+    a1, b1 = BBox("b.png", 2, 0, 0, 20, 20), BBox("b.png", 2, 40, 40, 10, 10)
+    outside = BBox("z.png", 0, 0, 0, 10, 10)                            # not a mining image: not counted
+    kinds = [(a0, "A"), (b0, "B"), (a1, "A"), (b1, "B"), (outside, "B")]
+    found = [box("a.png", 0, 0, 0, 10, 10),                             # A of a.png, IoU 1
+             box("a.png", 0, 53, 53, 10, 10, rank=2),                   # B of a.png, IoU 49/151 ≈ 0.32
+             box("b.png", 2, 0, 0, 10, 10),                             # A of b.png, IoU 0.25
+             box("b.png", 0, 40, 40, 10, 10)]                           # B's place, another class: missed
+    r = kind_recall(found, ["a.png", "b.png"], kinds)
+    assert r == {"A": {"iou 0.3": 0.5, "iou 0.1": 1.0, "n": 2}, "B": {"iou 0.3": 0.5, "iou 0.1": 0.5, "n": 2}}
+    assert kind_recall([], ["a.png", "b.png"], kinds)["B"] == {"iou 0.3": 0.0, "iou 0.1": 0.0, "n": 2}
+    none = kind_recall(found, ["c.png"], kinds)["A"]
+    assert none["n"] == 0 and np.isnan(none["iou 0.3"])
 
 
 def test_gains_and_the_maps_picked_for_the_figures():

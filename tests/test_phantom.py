@@ -13,6 +13,7 @@ from minimal_amkp.data import phantom
 from minimal_amkp.data.images import check_images
 from minimal_amkp.data.phantom import anatomy as phantom_anatomy
 from minimal_amkp.data.phantom import film
+from minimal_amkp.data.phantom import sibling
 from minimal_amkp.data.phantom import stats as phantom_stats
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 
@@ -131,10 +132,10 @@ def test_label_noise_flips_train_val_labels_only(tmp_path):
 def test_interrupted_run_leaves_no_half_file_and_no_data_entry(tmp_path, monkeypatch, capsys):
     calls = itertools.count(1)
 
-    def interrupted_at_5(rng, size, labels, view):
+    def interrupted_at_5(*args):
         if next(calls) == 5:
             raise KeyboardInterrupt
-        return real(rng, size, labels, view)
+        return real(*args)
     real = phantom.draw
     monkeypatch.setattr(phantom, "draw", interrupted_at_5)
     with pytest.raises(SystemExit) as e:
@@ -180,7 +181,7 @@ def test_lesions_change_the_picture_where_their_box_is():
     y = np.zeros(len(CLASSES), np.uint8)
     y[CLASSES.index("Nodule")] = 1
     drawn = film.draw(np.random.default_rng([5, 0]), 128, y, "PA")
-    without, none, _, _ = film.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")
+    without, none = film.draw(np.random.default_rng([5, 0]), 128, 0 * y, "PA")[:2]
     assert none == [] and len(drawn.cores) == len(drawn.boxes) > 0
     diff = np.abs(drawn.image.astype(int) - without.astype(int))
     outside = np.ones_like(diff, bool)
@@ -196,6 +197,7 @@ def test_lesions_change_the_picture_where_their_box_is():
     (["--seed", "-1"], "seed must be a whole number >= 0, got -1"),
     (["--label-noise", "2"], r"label_noise must be a probability in \[0, 0.5\], got 2.0"),
     (["--size", "big"], "argument --size: invalid int value: 'big'"),
+    (["--scenario", "control"], "argument --scenario: invalid choice: 'control'"),
 ])
 def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -325,3 +327,126 @@ def test_leave_one_out_prior_by_hand():
     np.testing.assert_allclose(phantom_stats.leave_one_out_prior_acc(rel, (0.1,)), [0.0])
     np.testing.assert_allclose(phantom_stats.leave_one_out_prior_acc(rel[:2], (0.1, 0.9)), [1.0, 1.0])
     assert np.isnan(phantom_stats.leave_one_out_prior_acc(rel[:1])).all()
+
+
+# ---------------------------------------------------------------- the positive control (sibling.py)
+
+CONTROL_N, CONTROL_SIZE, CONTROL_SEED = 80, 64, 3
+
+
+@pytest.fixture(scope="module")
+def control():
+    """Every image of one plan drawn in each scenario: {scenario: [Drawn]}, and the plan."""
+    p = phantom.plan(CONTROL_N, CONTROL_SEED)
+    drawn = {s: [film.draw(np.random.default_rng([CONTROL_SEED, i + 1]), CONTROL_SIZE, p["labels"][i], p["view"][i],
+                           s, None if s == "v2" else sibling.stream(CONTROL_SEED, i)) for i in range(CONTROL_N)]
+             for s in sibling.SCENARIOS}
+    return drawn, p
+
+
+def by_kind(d):
+    """{(class, kind): [box centre (x, y)]} of one Drawn."""
+    out = {}
+    for (c, (x, y, w, h)), kind in zip(d.boxes, d.kinds):
+        out.setdefault((c, kind), []).append((x + w / 2, y + h / 2))
+    return out
+
+
+def test_hidden_sibling_draws_one_a_per_positive_and_b_only_beside_it_far_away(control):
+    drawn, p = control
+    pairs = with_b = 0
+    for d, labels in zip(drawn["hidden-sibling"], p["labels"]):
+        found = by_kind(d)
+        for c in range(len(BOX_CLASSES)):
+            a, b = found.get((c, "A"), []), found.get((c, "B"), [])
+            assert len(a) == labels[c] and len(b) <= len(a), (c, a, b)      # one A a positive; B never alone
+            for bx, by in b:
+                assert np.hypot(bx - a[0][0], by - a[0][1]) >= sibling.FAR * CONTROL_SIZE
+            pairs, with_b = pairs + int(labels[c]), with_b + len(b)
+    assert pairs >= 40 and 0.25 < with_b / pairs <= sibling.B_SHARE + 0.1, (with_b, pairs)
+
+
+def test_sibling_alone_draws_b_alone_for_every_positive_of_a_box_class(control):
+    drawn, p = control
+    for d, labels in zip(drawn["sibling-alone"], p["labels"]):
+        assert set(d.kinds) <= {"B"}
+        assert sorted(c for c, _ in d.boxes) == list(np.flatnonzero(labels[:len(BOX_CLASSES)])), d.boxes
+
+
+def test_an_image_with_no_b_and_one_lesion_a_class_is_drawn_as_in_v2(control):
+    """B has a stream of its own, so A and the film around it are v2's wherever v2 drew one lesion a class."""
+    drawn, _ = control
+    same = 0
+    for v2, hs in zip(drawn["v2"], drawn["hidden-sibling"]):
+        classes = [c for c, _ in v2.boxes]
+        if "B" not in hs.kinds and len(set(classes)) == len(classes):
+            assert np.array_equal(v2.image, hs.image) and v2.boxes == hs.boxes
+            same += 1
+        elif "B" in hs.kinds:
+            assert not np.array_equal(v2.image, hs.image)
+    assert same >= 40
+
+
+def test_b_is_a_striped_disk_unlike_any_v2_sign():
+    """B changes the film only in and just around its box, with stripes at its class's angle: the
+    film along the stripes varies far less than across them."""
+    y = np.zeros(len(CLASSES), np.uint8)
+    for c in (0, 5, 2):
+        y[:] = 0
+        y[c] = 1
+        d = film.draw(np.random.default_rng([4, c]), 128, y, "PA", "sibling-alone", sibling.stream(4, c))
+        plain = film.draw(np.random.default_rng([4, c]), 128, 0 * y, "PA")
+        (_, (x0, y0, w, h)), = d.boxes
+        diff = d.image.astype(float) - plain.image
+        inside = np.zeros(diff.shape, bool)
+        inside[int(y0) - 2:int(y0 + h) + 2, int(x0) - 2:int(x0 + w) + 2] = True     # the disk's soft edge, blurred
+        assert np.abs(diff[inside]).max() > 40 and np.abs(diff[~inside]).max() <= 2, c
+        angle, period = sibling.code(c)
+        th = np.deg2rad(angle)
+        cy, cx = y0 + h / 2, x0 + w / 2
+        t = np.linspace(-0.4, 0.4, 25) * period * 128                 # from a bright stripe to near a dark one
+        along = [d.image[int(cy + k * np.sin(th)), int(cx + k * np.cos(th))] for k in t]
+        across = [d.image[int(cy + k * np.cos(th)), int(cx - k * np.sin(th))] for k in t]
+        assert np.std(across) > 2 * np.std(along), (c, np.std(across), np.std(along))
+
+
+def test_the_control_writes_lesion_kinds_row_for_row_with_bbox_list(tmp_path, control):
+    drawn, p = control
+    s = phantom.generate(tmp_path, n_images=CONTROL_N, size=CONTROL_SIZE, seed=CONTROL_SEED, workers=1,
+                         scenario="hidden-sibling")
+    ds = cx.read_dataset(tmp_path)
+    assert [b for b, _ in ds.kinds] == cx.read_bbox_list(tmp_path / "BBox_List_2017.csv")
+    assert {k for _, k in ds.kinds} == {"A", "B"}
+    for i, name in enumerate(p["name"]):
+        if name in ds.boxes:
+            d = drawn["hidden-sibling"][i]
+            assert [(b.label, (b.x, b.y, b.w, b.h), k) for b, k in ds.kinds if b.image == name] == \
+                [(c, box, k) for (c, box), k in zip(d.boxes, d.kinds)]
+    assert s["scenario"] == "hidden-sibling"
+    assert s["b_share"] == sum(d.kinds.count("B") for d in drawn["hidden-sibling"]) / p["labels"][:, :8].sum()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]          # written atomically
+
+
+def test_v2_is_unchanged(tmp_path):
+    """A seed's v2 files as the phantom drew them before the positive control existed: CSVs and
+    lists byte for byte, images and chest masks by their pixels (not their compressed bytes)."""
+    s = phantom.generate(tmp_path, n_images=12, size=32, seed=11, workers=1)
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(tmp_path)):
+        for f in sorted(files):
+            path = os.path.join(dirpath, f)
+            h.update(os.path.relpath(path, tmp_path).encode())
+            if f.endswith(".png"):
+                h.update(np.asarray(Image.open(path)).tobytes())
+            elif f.endswith(".npz"):
+                with np.load(path) as z:
+                    h.update(z["bits"].tobytes())
+            else:
+                h.update(open(path, "rb").read())
+    assert h.hexdigest() == "f4a89dbd1af06e1131c4eb5d4cbd509543c473f720edeb77880861cff7adeff9"
+    assert s["boxes"] == 7 and s["b_share"] is None and not (tmp_path / cx.LESION_KINDS).exists()
+
+
+def test_an_unknown_scenario_is_refused():
+    with pytest.raises(ValueError, match="scenario must be one of v2, hidden-sibling, sibling-alone, got 'x'"):
+        phantom.generate("/nonexistent/never", n_images=4, size=32, scenario="x")

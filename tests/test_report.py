@@ -152,3 +152,23 @@ def test_names_and_settings_cannot_break_report_md(run, tmp_path, monkeypatch):
     assert line == r"![Mass\_a\]\(javascript:x\)\<img src=y\>.png](figures/Mass_a%5D%28javascript%3Ax%29%3Cimg%20src%3Dy%3E.png)"
     fence = md.split("```json\n")[1].split("\n```")[0]
     assert "`" not in fence and json.loads(fence) == seen[0]["config"]
+
+
+def test_the_positive_control_gets_recall_of_lesions_a_and_b(run, tmp_path):
+    import dataclasses
+    from minimal_amkp.harvest import harvest
+    from minimal_amkp.run.lesions import kind_recall
+    ds, mining, test, out, full = run
+    assert full["kinds"] is None and "Lesions A and B" not in (out / "report.md").read_text()
+    # The first box of each image is its A, any other its B.
+    kinds = [(b, "B" if k else "A") for boxes in ds.boxes.values() for k, b in enumerate(boxes)]
+    r = write_report(tmp_path / "out", mining, dataclasses.replace(ds, kinds=kinds), test,
+                     {"run": {"report_extras": False}})
+    names = mining["names"]
+    frames = [frame(ds, n) for n in names]
+    h_1 = np.asarray(mining["cams"][0], dtype=np.float64)
+    want = kind_recall(harvest(h_1, names, mining["labels"], frames, R.check_grid(mining["grid"])), names, kinds)
+    assert r["kinds"]["baseline"] == want and want["B"]["n"] == 2 and want["A"]["n"] == 6
+    assert set(r["kinds"]) == {"baseline", "am"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Lesions A and B (the positive control)" in md and "2 of kind B" in md

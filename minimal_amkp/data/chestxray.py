@@ -5,6 +5,8 @@ Files under a dataset root (see /work/shared/chestxray14.md for the facts):
     BBox_List_2017.csv                 one row per box (x, y, w, h), 1024-px image frame
     train_val_list.txt, test_list.txt  one image name per line
     images/*.png                       8-bit grayscale (a few RGBA; some users keep 16-bit)
+    lesion_kinds.csv                   the phantom's positive control only: BBox_List's rows,
+                                       each with its kind, A or B (phantom/sibling.py)
 Every CSV may also be gzipped (`.csv.gz`). Bad input raises `DataError` naming the file, the line
 and what is wrong; with `skip_bad=True` the bad row, box or image is dropped instead, with one
 warning per problem and a count at the end. The images themselves are checked and loaded by
@@ -35,6 +37,9 @@ ENTRY_HEADER = ("Image Index", "Finding Labels", "Follow-up #", "Patient ID", "P
                 "OriginalImagePixelSpacing[x", "y]")
 BBOX_HEADER = ("Image Index", "Finding Label", "Bbox [x", "y", "w", "h]")
 HARVEST_HEADER = BBOX_HEADER + ("score", "rank")      # the project's own mined boxes.csv
+KINDS_HEADER = BBOX_HEADER + ("kind",)                # the positive control's lesion_kinds.csv
+LESION_KINDS = "lesion_kinds.csv"
+KINDS = ("A", "B")
 ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")   # the corrected one first
 ALIASES = {"Infiltrate": "Infiltration"}              # BBox_List's spelling -> Data_Entry's
 # Rounded mirrors and float round-off move a box edge by under a pixel; 2 px tolerates that
@@ -79,6 +84,7 @@ class ChestXray14:
     test: list
     digests: dict = dataclasses.field(default_factory=dict)   # name -> CRC-32 of its file (check_images)
     skipped: list = dataclasses.field(default_factory=list)   # names check_images dropped (skip_bad)
+    kinds: list | None = None   # [(BBox, "A" or "B")] from lesion_kinds.csv; None without one
 
     def image_path(self, name):
         return os.path.join(self.root, "images", name)
@@ -294,6 +300,30 @@ def read_bbox_list(path, skip_bad=False):
     return [b for _, b in _read(_read_bbox_list, path, skip_bad)]
 
 
+def read_lesion_kinds(path, listed):
+    """lesion_kinds.csv -> [(BBox, kind)], checked row for row against `listed`, the boxes of
+    BBox_List_2017.csv in its order; a malformed or mismatched file is a DataError (never
+    skipped: which lesion is which is what the positive control measures)."""
+    rows = _rows(path)
+    _header(path, rows, {"lesion_kinds": KINDS_HEADER})
+    if len(rows) - 1 != len(listed):
+        raise DataError(f"{path}: {len(rows) - 1} boxes, but BBox_List_2017.csv has {len(listed)}")
+    out = []
+    for (line, row), want in zip(rows[1:], listed):
+        try:
+            f = _fields(row, len(KINDS_HEADER))
+            box = _bbox(f[:len(BBOX_HEADER)], harvested=False)
+        except DataError as err:
+            raise DataError(f"{path} line {line}: {err}") from None
+        if f[-1] not in KINDS:
+            raise DataError(f"{path} line {line}: kind {f[-1]!r} is not one of {', '.join(KINDS)}")
+        if box != want:
+            raise DataError(f"{path} line {line}: {box.image} {f[1]} ({box.x}, {box.y}, {box.w}, {box.h}) "
+                            "is not the box on the same row of BBox_List_2017.csv")
+        out.append((box, f[-1]))
+    return out
+
+
 def read_split(path, skip_bad=False):
     """train_val_list.txt / test_list.txt (optionally .gz) -> list of image names."""
     return _read(_read_split, path, skip_bad)
@@ -331,7 +361,8 @@ def read_dataset(root, skip_bad=False):
 
     Checks: every box's image is in Data_Entry and the box lies inside that image's PNG (for
     PNGs present; `images.check_images` finds missing ones), every split name is in Data_Entry,
-    the splits do not overlap and neither is empty.
+    the splits do not overlap and neither is empty. The positive control's lesion_kinds.csv,
+    where there is one, goes to ds.kinds (read_lesion_kinds).
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -344,7 +375,10 @@ def read_dataset(root, skip_bad=False):
     bad = Problems(skip_bad)
     entries = {e.image: e for e in _read_data_entry(entry_path, bad)}
     ds = ChestXray14(root, entries, {}, [], [])
-    for line, b in _read_bbox_list(bbox_path, bad):
+    listed = _read_bbox_list(bbox_path, bad)
+    if os.path.isfile(os.path.join(root, LESION_KINDS)):
+        ds.kinds = read_lesion_kinds(os.path.join(root, LESION_KINDS), [b for _, b in listed])
+    for line, b in listed:
         if b.image not in entries:
             bad(f"{bbox_path} line {line}: box for {b.image}, which "
                 f"{os.path.basename(entry_path)} does not list")

@@ -1,6 +1,7 @@
 """Write ChestX-ray14's CSVs the way the release has them, and the project's own boxes.csv.
 
-The phantom writes Data_Entry_2017.csv and BBox_List_2017.csv with these; a run writes its mined
+The phantom writes Data_Entry_2017.csv and BBox_List_2017.csv with these (and, for the positive
+control, lesion_kinds.csv: BBox_List_2017.csv's columns plus kind); a run writes its mined
 boxes as boxes.csv (BBox_List_2017.csv's columns plus score and rank). Every file is written
 atomically, and chestxray.py's reader reads each of them back to the same entries and boxes.
 """
@@ -10,7 +11,7 @@ import io
 import numpy as np
 
 from minimal_amkp.classes import CLASSES, NO_FINDING
-from minimal_amkp.data.chestxray import BBOX_HEADER, ENTRY_HEADER, HARVEST_HEADER
+from minimal_amkp.data.chestxray import BBOX_HEADER, ENTRY_HEADER, HARVEST_HEADER, KINDS_HEADER
 from minimal_amkp.run.atomic import atomic_open, atomic_write_text
 
 BBOX_SPELLING = {"Infiltration": "Infiltrate"}        # Data_Entry's spelling -> BBox_List's
@@ -35,18 +36,28 @@ def write_data_entry(path, entries):
         f.write(_csv_lines(",".join(ENTRY_HEADER) + ",", rows))
 
 
+def _bbox_row(b):
+    """A box's 6 fields of BBox_List_2017.csv, its label in the release's spelling."""
+    name = BBOX_SPELLING.get(CLASSES[b.label], CLASSES[b.label])
+    return [b.image, name, repr(float(b.x)), repr(float(b.y)), repr(float(b.w)), repr(float(b.h))]
+
+
 def write_bbox_list(path, boxes):
     """Write boxes as BBox_List_2017.csv (real header, 6-field rows, `Infiltrate`), atomically;
     when the boxes carry scores, as a harvested boxes.csv (8 fields, + score, rank)."""
     harvested = any(b.score is not None for b in boxes)
     header = ",".join(HARVEST_HEADER) if harvested else ",".join(BBOX_HEADER) + ",,,"
-    rows = []
-    for b in boxes:
-        name = BBOX_SPELLING.get(CLASSES[b.label], CLASSES[b.label])
-        row = [b.image, name, repr(float(b.x)), repr(float(b.y)), repr(float(b.w)), repr(float(b.h))]
-        rows.append(row + ([repr(float(b.score)), int(b.rank)] if harvested else []))
+    rows = [_bbox_row(b) + ([repr(float(b.score)), int(b.rank)] if harvested else []) for b in boxes]
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write(_csv_lines(header, rows))
+
+
+def write_lesion_kinds(path, boxes, kinds):
+    """lesion_kinds.csv, atomically: the rows of BBox_List_2017.csv for `boxes`, in that order,
+    each with its kind ("A" or "B", the positive control's lesions) as a 7th field."""
+    rows = [_bbox_row(b) + [kind] for b, kind in zip(boxes, kinds, strict=True)]
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(_csv_lines(",".join(KINDS_HEADER), rows))
 
 
 def write_boxes_csv(path, boxes):

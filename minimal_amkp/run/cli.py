@@ -7,7 +7,8 @@
 
 Run options are flat; every hyper-parameter is `--section.field` (config.py lists them; dashes
 and underscores both work). Without --data the phantom is generated once into
-data/phantom-v<version>-n<images>-s<size>-seed<seed>/ under the current folder and reused after.
+data/phantom-v<version>[-<scenario>-b<B's version>]-n<images>-s<size>-seed<seed>/ under the current
+folder (--data.phantom-scenario: v2, or the positive control's) and reused after.
 A problem the user must fix ends the run with one line on stderr: exit 2 for a bad command
 line, 1 for bad data, checkpoints or folders. One run at a time may use an --out (outdir.py);
 under torchrun's elastic restarts (--max-restarts) a restarted job resumes its own run.

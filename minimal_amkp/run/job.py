@@ -19,6 +19,7 @@ from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.classify import classification_epoch, plan, set_phase
 from minimal_amkp.config import RunError, validate
 from minimal_amkp.data import phantom
+from minimal_amkp.data.phantom import sibling
 from minimal_amkp.data.chestxray import read_dataset
 from minimal_amkp.data.images import Images, check_images
 from minimal_amkp.loop import optimizer, predict
@@ -115,16 +116,18 @@ def prepare_out(cfg, resume, overwrite, given, folder):
 
 
 def phantom_root(cfg):
-    """The cached phantom for these settings, generated on first use (atomically: a folder rename)."""
+    """The cached phantom for these settings, generated on first use (atomically: a folder rename).
+    A positive-control scenario is named with the version of its lesion B; v2's name has neither."""
     d = cfg.data
-    name = f"phantom-v{phantom.VERSION}-n{d.phantom_images}-s{d.phantom_size}-seed{d.phantom_seed}"
+    scenario = "" if d.phantom_scenario == "v2" else f"-{d.phantom_scenario}-b{sibling.VERSION}"
+    name = f"phantom-v{phantom.VERSION}{scenario}-n{d.phantom_images}-s{d.phantom_size}-seed{d.phantom_seed}"
     root = os.path.join("data", name)
     if not os.path.isdir(root):
         tmp = f"{root}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         say(f"generating the phantom data set into {root} (once)")
         phantom.generate(tmp, n_images=d.phantom_images, size=d.phantom_size, seed=d.phantom_seed,
-                         progress=True)
+                         progress=True, scenario=d.phantom_scenario)
         try:
             os.rename(tmp, root)
         except OSError:                          # a concurrent run got there first

@@ -14,7 +14,8 @@ reaches. Here every box of an image counts (no B list, no bound), per ground-tru
 - whether later rounds find other lesions: on maps with two or more boxes, how often H_t's
   peak over the cells M_{t-1} left lies in a box, against a frozen network's H_1 ⊙ M_{t-1},
   whose peak there is simply H_1's next one (the issue "Rounds that learn" asks for this
-  comparison before any "later rounds find new regions" is trusted).
+  comparison before any "later rounds find new regions" is trusted);
+- on the positive control (phantom/sibling.py), recall of its lesions A and B apart.
 Every overlap comes from reference.best_overlap; this module only groups them.
 """
 import numpy as np
@@ -27,6 +28,14 @@ CUTS = (("iou", 0.1), ("iou", 0.3), ("iobb", 0.5))
 # Findings that spread, so a box can cover part of one: all but the focal round opacities
 # (a Nodule or a Mass is boxed whole by any box on its core).
 EXTENDED = tuple(c for c in BOX_CLASSES if c not in ("Nodule", "Mass"))
+KIND_IOUS = (0.3, 0.1)        # the positive control's gates read B's recall at IoU 0.3
+
+
+def ground_truth(names, boxes):
+    """Per box class, {image: (g, 4)} for every image in names (empty where it has no such box).
+    boxes: {image: [BBox]}."""
+    return [{name: np.array([(b.x, b.y, b.w, b.h) for b in boxes.get(name, ()) if b.label == c]
+                            ).reshape(-1, 4) for name in names} for c in range(len(BOX_CLASSES))]
 
 
 def best(boxes, names, gt, overlap):
@@ -37,7 +46,7 @@ def best(boxes, names, gt, overlap):
 def lesion_numbers(boxes, names, gt):
     """Recall by lesion count and extent IoU of one method's boxes (list of BBox).
 
-    gt: per box class {image: (g, 4)} (report.ground_truth). -> dict(
+    gt: per box class {image: (g, 4)} (ground_truth). -> dict(
         recall {"iou 0.1" ..: {"multi", "single": share, "n_multi", "n_single": counts}},
         extent_iou {class: mean best IoU or NaN}, extent_iou_mean over EXTENDED)."""
     out = dict(recall={})
@@ -56,6 +65,26 @@ def lesion_numbers(boxes, names, gt):
                          for k, c in enumerate(BOX_CLASSES)}
     extended = [out["extent_iou"][c] for c in EXTENDED]
     out["extent_iou_mean"] = float(np.nanmean(extended)) if not np.all(np.isnan(extended)) else float("nan")
+    return out
+
+
+def kind_recall(boxes, names, kinds):
+    """Recall of the positive control's lesions A and B apart, for one method's boxes (list of
+    BBox): per kind, the share of its ground-truth boxes in the images `names` that some box of
+    the same image and class overlaps by IoU >= t, for t in KIND_IOUS.
+
+    kinds: [(BBox, "A" or "B")] (lesion_kinds.csv, ChestXray14.kinds).
+    -> {kind: {"iou 0.3": share (NaN without boxes), "iou 0.1": share, "n": count}}."""
+    out = {}
+    for kind in sorted({k for _, k in kinds}):
+        of_kind = {}
+        for b, k in kinds:
+            if k == kind:
+                of_kind.setdefault(b.image, []).append(b)
+        per_class = best(boxes, names, ground_truth(names, of_kind), "iou")
+        found = np.concatenate([np.zeros(0), *(v for per_image in per_class for v in per_image.values())])
+        out[kind] = {**{f"iou {t:g}": float(np.mean(found >= t)) if len(found) else float("nan") for t in KIND_IOUS},
+                     "n": len(found)}
     return out
 
 

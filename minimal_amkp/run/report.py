@@ -8,7 +8,8 @@ write_report(out_dir, mining, ds, test, config, rounds) writes
 Every number comes from minimal_amkp.reference (auroc, acc_afp_table, max_box_acc_v2); this
 module only arranges inputs and outputs. Three localizers are compared on the mining images:
 the box prior (no image, harvest.box_prior), the baseline H_1 (t = 1) and AM's H_f (t = T),
-with the per-lesion numbers of lesions.py beside the tables and what each round of mining did.
+with the per-lesion numbers of lesions.py beside the tables and what each round of mining did,
+and on the phantom's positive control (lesion_kinds.csv) the recall of its lesions A and B.
 """
 import json
 import math
@@ -25,8 +26,8 @@ from minimal_amkp.run.figures import write_figures
 from minimal_amkp.data.images import frame
 from minimal_amkp.data.writers import write_boxes_csv
 from minimal_amkp.harvest import box_prior, by_class, check_mining, fused, harvest, upsample
-from minimal_amkp.run.lesions import (CUTS, EXTENDED, gain_and_loss_picks, gains, later_peaks, lesion_numbers,
-                                  peaks_in_chest)
+from minimal_amkp.run.lesions import (CUTS, EXTENDED, KIND_IOUS, gain_and_loss_picks, gains, ground_truth,
+                                  kind_recall, later_peaks, lesion_numbers, peaks_in_chest)
 from minimal_amkp.mine import ROUND_RECORD
 from minimal_amkp.data.phantom import read_chest_masks
 
@@ -54,12 +55,6 @@ def check_test(test):
         raise ValueError(f"test['scores'] {scores.shape} and test['labels'] {labels.shape} must "
                          f"both be (M = {m} names, {c})")
     return scores, labels
-
-
-def ground_truth(names, boxes):
-    """Per box class, {image: (g, 4)} for every mining image (empty where it has no such box)."""
-    return [{name: np.array([(b.x, b.y, b.w, b.h) for b in boxes.get(name, ()) if b.label == c]
-                            ).reshape(-1, 4) for name in names} for c in range(len(BOX_CLASSES))]
 
 
 def max_box_acc(heatmaps, names, frames, gt, size, grid):
@@ -143,6 +138,21 @@ def lesions_markdown(lesions, later):
     return lines + [""]
 
 
+def kinds_markdown(kinds):
+    """Recall of the positive control's lesions A and B (lesions.kind_recall) for H_1 and H_f, as
+    report.md lines; none without lesion_kinds.csv."""
+    if kinds is None:
+        return []
+    heads = [(k, f"iou {t:g}") for k in kinds["baseline"] for t in KIND_IOUS]
+    lines = ["## Lesions A and B (the positive control)", "",
+             "| method | " + " | ".join(f"{k}: recall IoU {c[4:]}" for k, c in heads) + " |",
+             "|" + "---|" * (len(heads) + 1)]
+    lines += [f"| {TITLES[m]} | " + " | ".join(fmt(kinds[m][k][c]) for k, c in heads) + " |" for m in ("baseline", "am")]
+    counts = ", ".join(f"{v['n']} of kind {k}" for k, v in kinds["baseline"].items())
+    return lines + ["", f"Ground-truth boxes of the mining images: {counts} (lesion_kinds.csv). A lesion is found when "
+                    "some box harvested for its image and class overlaps it by that IoU.", ""]
+
+
 def md_text(text):
     """text (on one line) as literal Markdown inside a link or image text: the characters that
     could end the text, start markup or an HTML tag are backslash-escaped."""
@@ -175,6 +185,7 @@ def markdown(r, figures):
           f" | {fmt(nanmean(r['all_boxes'][m][str(t)]))} |" for t in ALL_BOXES_IOU for m in METHODS), "",
         *rounds_markdown(r["rounds"]),
         *lesions_markdown(r["lesions"], r["later_peaks"]),
+        *kinds_markdown(r["kinds"]),
         "## Boxes per class", "",
         "| | " + " | ".join(SHORT_NAMES) + " |", "|" + "---|" * (len(SHORT_NAMES) + 1),
         "| ground truth | " + " | ".join(str(r["n_gt_boxes"][c]) for c in BOX_CLASSES) + " |",
@@ -263,6 +274,7 @@ def write_report(out_dir, mining, ds, test, config, rounds=()):
                         for m, h in (("baseline", h_1), ("am", h_f))} if extras else None,
         all_boxes=all_boxes, rounds=[dict(d) for d in rounds],
         lesions={m: lesion_numbers(boxes[m], names, gt) for m in ("baseline", "am")},
+        kinds=None if ds.kinds is None else {m: kind_recall(boxes[m], names, ds.kinds) for m in ("baseline", "am")},
         later_peaks=later_peaks(np.asarray(cams, dtype=np.float64), masks, names, frames, gt, grid),
         h1_peaks_in_chest=peaks_in_chest(h_1, names, labels, read_chest_masks(ds.root), grid),
         auroc=auroc, mean_auroc=nanmean(list(auroc.values())),

@@ -1,7 +1,7 @@
 """A phantom ChestX-ray14: the release's files and formats, with sketched chests drawn in.
 
     python -m minimal_amkp.data.phantom --out DIR [--n-images N] [--size S] [--seed K]
-                                   [--label-noise P] [--preview]
+                                   [--label-noise P] [--scenario NAME] [--preview]
     python -m minimal_amkp.data.phantom --stats DIR
 
 writes DIR/images/*.png (8-bit grayscale, named patient_followup.png), Data_Entry_2017.csv
@@ -10,6 +10,10 @@ train_val_list.txt, test_list.txt, optionally preview.png, and one file the rele
 have: chest_masks.npz, each image's chest cavity (lungs, mediastinum, heart) as a
 CHEST_SIDE² mask, so that a run can measure whether its heatmaps point into the chest.
 `--stats DIR` compares a data set's boxes with the real release (stats.py).
+`--scenario` picks what the findings of the box classes look like: v2 (the default, film.py),
+or the positive control's hidden-sibling and sibling-alone (sibling.py: a lesion B beside or
+instead of each class's sign A; no claim of realism). Those write one more file,
+lesion_kinds.csv: BBox_List_2017.csv's rows, in its order, each with a column `kind`, A or B.
 Choices where the release gives no answer:
 - About half the images are No Finding (40% in test); the rest carry 1-3 findings, drawn with
   prevalence weights flattened from the release's counts so that every class has examples.
@@ -40,12 +44,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minimal_amkp.run.atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from minimal_amkp.data.chestxray import DataError, Entry, read_dataset
-from minimal_amkp.data.writers import write_bbox_list, write_data_entry
+from minimal_amkp.data.chestxray import LESION_KINDS, DataError, Entry, read_dataset
+from minimal_amkp.data.writers import write_bbox_list, write_data_entry, write_lesion_kinds
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, BBox
 from minimal_amkp.reference.checks import positive_int
 from minimal_amkp.data.images import frame
 from minimal_amkp.data.phantom.film import draw
+from minimal_amkp.data.phantom import sibling
 from minimal_amkp.data.phantom.stats import box_stats, format_stats
 
 # Relative prevalence of each finding among abnormal images: the release's counts (Hernia 227
@@ -67,7 +72,7 @@ MIN_IMAGES, MIN_SIZE, MAX_SIZE = 4, 32, 2048
 POOL_MIN_IMAGES = 100     # fewer draw in-process: starting workers would cost more
 
 
-def _check(n_images, size, seed, label_noise):
+def _check(n_images, size, seed, label_noise, scenario):
     def whole(name, v, lo, hi=None):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (
                 hi is not None and v > hi):
@@ -78,6 +83,8 @@ def _check(n_images, size, seed, label_noise):
     whole("seed", seed, 0)
     if not isinstance(label_noise, (int, float)) or not 0.0 <= label_noise <= 0.5:
         raise ValueError(f"label_noise must be a probability in [0, 0.5], got {label_noise!r}")
+    if scenario not in sibling.SCENARIOS:
+        raise ValueError(f"scenario must be one of {', '.join(sibling.SCENARIOS)}, got {scenario!r}")
 
 
 def plan(n_images, seed):
@@ -131,9 +138,10 @@ def _chest_mask(chest):
 
 
 def _draw_one(job):
-    seed, i, size, labels, view = job
-    d = draw(np.random.default_rng([seed, i + 1]), size, labels, view)
-    return _png(d.image), d.boxes, _chest_mask(d.chest)
+    seed, i, size, labels, view, scenario = job
+    d = draw(np.random.default_rng([seed, i + 1]), size, labels, view, scenario,
+             None if scenario == "v2" else sibling.stream(seed, i))
+    return _png(d.image), list(zip(d.boxes, d.kinds)), _chest_mask(d.chest)
 
 
 def write_chest_masks(path, names, masks):
@@ -161,30 +169,34 @@ def read_chest_masks(root):
 
 
 def _write_images(out, names, drawn, boxed, progress, t0):
-    """Write each (png, found, chest) in order; return the boxes of the boxed images and the
-    chest masks."""
-    boxes, chests, shown = [], [], 0.0
+    """Write each (png, found [((class, box), kind)], chest) in order; return the boxes of the
+    boxed images, their kinds, the chest masks and the number of B lesions in all images."""
+    boxes, kinds, chests, n_b, shown = [], [], [], 0, 0.0
     for i, (png, found, chest) in enumerate(drawn):
         atomic_write_bytes(os.path.join(out, "images", names[i]), png)
         chests.append(chest)
+        n_b += sum(kind == "B" for _, kind in found)
         if boxed[i]:
-            boxes += [BBox(names[i], c, *b) for c, b in found]
+            boxes += [BBox(names[i], c, *b) for (c, b), _ in found]
+            kinds += [kind for _, kind in found]
         if progress and (time.perf_counter() - shown > 0.25 or i + 1 == len(names)):
             shown = time.perf_counter()
             sys.stderr.write(f"\rphantom: {i + 1}/{len(names)} images, {shown - t0:.1f} s")
             sys.stderr.flush()
     if progress:
         sys.stderr.write("\n")
-    return boxes, chests
+    return boxes, kinds, chests, n_b
 
 
 def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=False,
-             progress=False, workers=2):
+             progress=False, workers=2, scenario="v2"):
     """Write a phantom dataset under out (see the module docstring); return a summary dict.
 
     workers > 1 draws in that many processes (runs under POOL_MIN_IMAGES draw in-process).
+    The summary's b_share (not in v2): the B lesions over the positives of box classes, all
+    splits, which B_SHARE aims at and the room in the lungs allows.
     """
-    _check(n_images, size, seed, label_noise)
+    _check(n_images, size, seed, label_noise, scenario)
     positive_int("workers", workers)
     out = os.fspath(out)
     if os.path.exists(out) and not os.path.isdir(out):
@@ -193,7 +205,7 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
     t0 = time.perf_counter()
     p = plan(n_images, seed)
     boxed = p["boxed"]
-    jobs = ((seed, i, size, p["labels"][i], p["view"][i]) for i in range(n_images))
+    jobs = ((seed, i, size, p["labels"][i], p["view"][i], scenario) for i in range(n_images))
     if workers > 1 and n_images >= POOL_MIN_IMAGES:
         # spawn, not fork: the caller may hold torch's threads, which a fork would copy mid-lock.
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -201,12 +213,13 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
                                  initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             try:
                 drawn = pool.map(_draw_one, jobs, chunksize=8)
-                boxes, chests = _write_images(out, p["name"], drawn, boxed, progress, t0)
+                boxes, kinds, chests, n_b = _write_images(out, p["name"], drawn, boxed, progress, t0)
             except BaseException:
                 pool.shutdown(cancel_futures=True)     # Ctrl-C should not wait for every image
                 raise
     else:
-        boxes, chests = _write_images(out, p["name"], map(_draw_one, jobs), boxed, progress, t0)
+        boxes, kinds, chests, n_b = _write_images(out, p["name"], map(_draw_one, jobs), boxed,
+                                                  progress, t0)
     noise_rng = np.random.default_rng([seed, n_images + 1])
     flips = (noise_rng.random(p["labels"].shape) < label_noise) & ~p["test"][:, None]
     observed = p["labels"] ^ flips.astype(np.uint8)
@@ -215,6 +228,8 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
                      (round(400.0 / size, 4),) * 2)      # a 40 cm film over size pixels
                for i, name in enumerate(p["name"])]
     write_bbox_list(os.path.join(out, "BBox_List_2017.csv"), boxes)
+    if scenario != "v2":
+        write_lesion_kinds(os.path.join(out, LESION_KINDS), boxes, kinds)
     write_chest_masks(os.path.join(out, CHEST_MASKS), p["name"], chests)
     test = [n for n, t in zip(p["name"], p["test"]) if t]
     train_val = [n for n, t in zip(p["name"], p["test"]) if not t]
@@ -227,7 +242,9 @@ def generate(out, n_images=2000, size=256, seed=0, label_noise=0.0, preview=Fals
     per_image = Counter(b.image for b in boxes)
     multi = len({name for (name, _), k in Counter((b.image, b.label) for b in boxes).items()
                  if k > 1})
+    positives = int(p["labels"][:, :len(BOX_CLASSES)].sum())
     return dict(out=out, n_images=n_images, size=size, seed=seed, label_noise=label_noise,
+                scenario=scenario, b_share=None if scenario == "v2" else n_b / max(positives, 1),
                 train_val=len(train_val), test=len(test), boxed_images=int(boxed.sum()),
                 boxes=len(boxes), boxed_with_2plus_of_one_class=multi,
                 max_boxes_per_image=max(per_image.values(), default=0),
@@ -275,6 +292,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label-noise", type=float, default=0.0,
                     help="probability of flipping each train_val label in Data_Entry")
+    ap.add_argument("--scenario", default="v2", choices=sibling.SCENARIOS,
+                    help="v2, or the positive control (hidden-sibling, sibling-alone)")
     ap.add_argument("--preview", action="store_true", help="also write DIR/preview.png")
     ap.add_argument("--workers", type=int, default=2, help="drawing processes (output is the same)")
     args = ap.parse_args(argv)
@@ -288,7 +307,7 @@ def main(argv=None):
         return
     try:
         s = generate(args.out, args.n_images, args.size, args.seed, args.label_noise,
-                     args.preview, progress=True, workers=args.workers)
+                     args.preview, progress=True, workers=args.workers, scenario=args.scenario)
     except (ValueError, OSError) as e:
         ap.error(str(e))
     except KeyboardInterrupt:
@@ -296,4 +315,6 @@ def main(argv=None):
         sys.exit(130)
     print(f"phantom: {s['n_images']} images of {s['size']} px in {s['out']} ({s['seconds']} s): "
           f"train_val {s['train_val']}, test {s['test']}, {s['boxed_images']} boxed images with "
-          f"{s['boxes']} boxes ({s['boxed_with_2plus_of_one_class']} with 2+ of one class)")
+          f"{s['boxes']} boxes ({s['boxed_with_2plus_of_one_class']} with 2+ of one class)"
+          + ("" if s["b_share"] is None else
+             f"; {s['scenario']}: lesion B in {100 * s['b_share']:.0f}% of the box-class positives"))

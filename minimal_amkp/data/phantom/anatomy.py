@@ -49,8 +49,9 @@ class Chest:
     drawn at full resolution so small nodules keep their edges.
     """
 
-    def __init__(self, rng, size, view, emphysema=False, cardiomegaly=False):
+    def __init__(self, rng, size, view, emphysema=False, cardiomegaly=False, one_lesion=False):
         self.rng, self.size = rng, size
+        self.one_lesion = one_lesion       # the positive control: one lesion (its A) a class
         sc, th = rng.uniform(0.84, 0.97), rng.uniform(-0.05, 0.05)
         self.affine = (np.cos(th) / sc, np.sin(th) / sc, rng.uniform(-0.05, 0.05),
                        rng.uniform(-0.01, 0.07))
@@ -153,7 +154,10 @@ class Chest:
         return float(cx[i]), float(cy[i])
 
     def count(self, name):
-        return int(self.rng.choice(3, p=COUNT_P[name])) + 1
+        """How many lesions of a class to draw. The count is drawn even when one_lesion caps it,
+        so that an image whose classes all have one lesion is drawn as without the cap."""
+        n = int(self.rng.choice(3, p=COUNT_P[name])) + 1
+        return 1 if self.one_lesion else n
 
     def _heart_params(self, ctr):
         """An ellipse tilted toward the left whose widest width over the inner chest width is

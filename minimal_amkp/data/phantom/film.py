@@ -9,19 +9,20 @@ faint form (another texture), as second lesions do on real films.
 
 Each sign returns its lesions as Lesion(core, extent): boolean (S, S) supports where the core
 and the whole finding are above half strength. A box is the bounding box of the extent, less
-what hides behind the heart shadow.
+what hides behind the heart shadow. The positive control's lesion B is sibling.py's.
 """
 from collections import namedtuple
 
 import numpy as np
 from scipy import ndimage
 
-from minimal_amkp.classes import CLASSES
+from minimal_amkp.classes import BOX_CLASSES, CLASSES
 from minimal_amkp.data.phantom.anatomy import Chest, box_of, smoothstep
+from minimal_amkp.data.phantom.sibling import siblings
 
 Lesion = namedtuple("Lesion", "core extent")          # boolean (S, S) supports
 Form = namedtuple("Form", "side amp core strength")   # one lesion's size, density, core weight
-Drawn = namedtuple("Drawn", "image boxes cores chest")
+Drawn = namedtuple("Drawn", "image boxes cores chest kinds")
 # A later lesion of a class is one of these, drawn at random: (size, strength, core) factors.
 LATER = {"smaller": ((0.55, 0.8), (0.9, 1.0), (1.0, 1.0)),
          "fainter": ((0.85, 1.0), (0.45, 0.65), (1.0, 1.0)),
@@ -268,26 +269,40 @@ SIGNS = {"Atelectasis": atelectasis, "Cardiomegaly": cardiomegaly, "Effusion": e
          "Hernia": hernia}
 
 
-def draw(rng, size, labels, view):
+def draw(rng, size, labels, view, scenario="v2", sibling_rng=None):
     """One radiograph -> Drawn(image uint8 (S, S), boxes [(class index, (x, y, w, h))] of the
     box classes, cores [boolean (S, S)] the conspicuous part of each boxed lesion, chest
-    boolean (S, S) the cavity: lungs, mediastinum, heart)."""
+    boolean (S, S) the cavity: lungs, mediastinum, heart; kinds ["A" or "B"] of the boxes).
+
+    scenario: v2, or one of the positive control's (sibling.py), whose lesions B are drawn
+    from sibling_rng; v2 boxes every lesion as an A."""
     names = [CLASSES[i] for i in np.flatnonzero(labels)]
-    ch = Chest(rng, size, view, "Emphysema" in names, "Cardiomegaly" in names)
+    alone = scenario == "sibling-alone"
+    ch = Chest(rng, size, view, "Emphysema" in names, "Cardiomegaly" in names and not alone,
+               one_lesion=scenario != "v2")
     a, marks = ch.anatomy()
-    boxes, cores, beside_heart = [], [], ch.heart_shape < 0.5
+    boxes, cores, kinds, beside_heart = [], [], [], ch.heart_shape < 0.5
+
+    def keep(c, lesion, kind):
+        # Box what shows: the part of a lesion behind the heart shadow is all but invisible.
+        shown = lesion.extent if CLASSES[c] == "Cardiomegaly" else lesion.extent & beside_heart
+        box = box_of(shown) or box_of(lesion.extent)
+        if box is not None:
+            boxes.append((c, box))
+            cores.append(lesion.core)
+            kinds.append(kind)
     for name in names:
+        if alone and name in BOX_CLASSES:
+            continue                                 # B stands alone for the box classes
         for lesion in SIGNS[name](ch) or ():
-            # Box what shows: the part of a lesion behind the heart shadow is all but invisible.
-            shown = lesion.extent if name == "Cardiomegaly" else lesion.extent & beside_heart
-            box = box_of(shown) or box_of(lesion.extent)
-            if box is not None:
-                boxes.append((CLASSES.index(name), box))
-                cores.append(lesion.core)
+            keep(CLASSES.index(name), lesion, "A")
+    if scenario != "v2":
+        for c, disk in siblings(sibling_rng, ch, labels, list(boxes), alone):
+            keep(c, Lesion(disk, disk), "B")
     a += marks * (1 - ch.clear) + ch.extra
     film = 1 - np.exp(-1.6 * np.maximum(a, 0))                           # (S, S)
     film = np.clip(film / 0.92, 0, 1) ** np.float32(rng.uniform(0.8, 1.25))
     film = film * np.float32(rng.uniform(0.85, 1.05)) + np.float32(rng.uniform(-0.04, 0.05))
     film = ndimage.gaussian_filter(film, max(0.4, 0.6 * size / 256))
     film += np.float32(rng.uniform(0.006, 0.02)) * rng.standard_normal(film.shape, np.float32)
-    return Drawn((np.clip(film, 0, 1) * 255 + 0.5).astype(np.uint8), boxes, cores, ch.chest)
+    return Drawn((np.clip(film, 0, 1) * 255 + 0.5).astype(np.uint8), boxes, cores, ch.chest, kinds)
