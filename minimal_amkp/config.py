@@ -75,6 +75,7 @@ class MineConfig:
     threshold: float = 0.5                 # CAM binarisation of the mask update (Sec. 3.2)
     dilate: int = 0                        # grow each erased region by this many cells (0: the paper)
     bn: str = "frozen"                     # batch norm while mining: frozen (running statistics) | batch
+    erase: str = "feature"                 # feature: eq. (1) on M_t | oracle: M_1 = the control's lesions A
 
 
 @dataclass
@@ -103,6 +104,7 @@ CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
            ("model", "padding"): ("zeros", "replicate"),
            ("mine", "kp"): ("full", "vanilla", "none"),
            ("mine", "bn"): ("frozen", "batch"),
+           ("mine", "erase"): ("feature", "oracle"),
            ("train", "optimizer"): ("sgd", "adamw"),
            ("run", "device"): ("auto", "cpu", "cuda"),
            ("run", "preset"): ("tiny", "paper"),

@@ -323,7 +323,7 @@ ROUND_RECORD = {
 }
 
 
-def attention_mining(model, mining, train, test, cfg, runner, state=None, save=None):
+def attention_mining(model, mining, train, test, cfg, runner, state=None, save=None, oracle=None):
     """The method after classification training: T rounds of AM with KP (module docstring).
 
     model: the trained classifier, fine-tuned in place into N_B; mining, train, test: Images
@@ -331,7 +331,9 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
     runner: where it runs (runner.Runner, or the shell's TorchRun for several processes).
     state: what `save` was last given, to resume an interrupted run, or None to start.
     save(state) is called after every epoch and every round; state is a dict of tensors,
-    numbers and lists (a checkpoint can hold it).
+    numbers and lists (a checkpoint can hold it). oracle: M_1 given (uint8 (n, 8, h, w), the
+    positive control's lesions A erased: --mine.erase oracle) instead of the update of H_1,
+    so that round 2 trains on the erasure a perfect H_1 would make.
     -> dict(cams, masks (T, n, 8, h, w) tensors; records: one dict per round, ROUND_RECORD keys)
     """
     k = cfg.mine
@@ -387,8 +389,8 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
             movement=movement(state["cams"][-1].numpy(), state["cams"][0].numpy(), masks.numpy(), labels)
             if t > 1 else None))
         if t < k.rounds:
-            state["masks"].append(runner.gather(next_masks(h_t, masks[rows], mining.labels[rows],
-                                                           k.threshold, k.dilate)))
+            state["masks"].append(oracle if t == 1 and oracle is not None else
+                                  runner.gather(next_masks(h_t, masks[rows], mining.labels[rows], k.threshold, k.dilate)))
         state.update(round=t + 1, epoch=0, losses=[], ratios=[], norms=None, lam=None)
         if save:
             save(state)

@@ -96,6 +96,8 @@ def error_line(capsys):
     (["--train.lrr", "0.1"], r"unrecognized arguments: --train.lrr"),
     (["--train.lr", "fast"], r"--train.lr: cannot read 'fast' as float"),
     (["--mine.kp", "maybe"], r"--mine.kp: 'maybe' is not one of full, vanilla, none"),
+    (["--mine.erase", "pixels"], r"--mine.erase: 'pixels' is not one of feature, oracle"),
+    (["--mine.bn", "off"], r"--mine.bn: 'off' is not one of frozen, batch"),
     (["--data.phantom-scenario", "control"],
      r"--data.phantom_scenario: 'control' is not one of v2, hidden-sibling, sibling-alone$"),
     (["--model.blocks", "1,1"], r"--model.blocks needs 3 or 4 counts"),
@@ -280,6 +282,9 @@ def stop_after_prepare_out(monkeypatch):
     (["--mine.level-off", "nan"], r"--mine.level-off must be >= 0, got nan"),
     (["--train.momentum", "1"], r"--train.momentum must lie in \[0, 1\)"),
     (["--mine.lam", "-1"], r"--mine.lam must be >= 0"),
+    (["--mine.dilate", "-1"], r"--mine.dilate must be >= 0 cells, got -1"),
+    (["--mine.warmup", "-2"], r"--mine.warmup must be >= 0 steps, got -2"),
+    (["--mine.balance", "inf"], r"--mine.balance must be >= 0 \(0: λ = --mine.lam\), got inf"),
     (["--data.image-size", "20000"], r"--data.image_size must lie in \[32, 4096\]"),
 ])
 def test_options_no_run_can_use_exit_2_before_any_work(capsys, tmp_path, args, message):
@@ -561,7 +566,16 @@ def test_fork_mines_again_from_a_finished_runs_classifier(finished, tmp_path, ca
     assert "from" in printed and "round 1: " in printed and "round 2" not in printed
     original, again = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "fork"))
     assert again["rounds"][0]["auroc_a"] == original["rounds"][0]["auroc_a"]      # the same N_A
+    # The source's model and training, the preset's mining settings (not the source's MICRO ones).
+    assert again["config"]["model"] == original["config"]["model"] and again["config"]["mine"]["batch_size"] == 32
     with pytest.raises(SystemExit, match=r"^usage: python -m minimal_amkp.study.fork SOURCE OUT"):
         fork.main([str(out)])
     with pytest.raises(SystemExit, match=r"^fork: .*nowhere.*config.json"):
         fork.main([str(tmp_path / "nowhere"), str(tmp_path / "x")])
+
+
+def test_the_oracle_needs_the_positive_control_and_says_so_before_training(data, tmp_path, capsys):
+    assert main(["--data", data, "--out", str(tmp_path / "out"), *MICRO, "--mine.erase", "oracle"]) == 1
+    line = error_line(capsys)
+    assert re.search(r"--mine.erase oracle: the data has no lesion_kinds.csv", line), line
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()

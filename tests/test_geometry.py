@@ -121,3 +121,12 @@ def test_bad_grid_says_which():
         R.resize(np.ones(2), 4, (0, 0.5, 8))
     with pytest.raises(ValueError, match="grid: expected"):
         R.cell_centres(3, "grid", 8)
+
+
+def test_cells_in_box_takes_the_cells_whose_centres_it_holds():
+    grid = R.Grid(8, 0.5, 128)                                           # centres at 0.5, 8.5, ...
+    got = R.cells_in_box((8.0, 16.0, 9.0, 1.0), 16, grid, 128, 128)      # x 8..17, y 16..17
+    assert np.argwhere(got).tolist() == [[2, 1], [2, 2]]                 # rows 2, columns 1 and 2
+    # In a frame twice the input's size every centre doubles.
+    assert np.array_equal(R.cells_in_box((16.0, 32.0, 18.0, 2.0), 16, grid, 256, 256), got)
+    assert not R.cells_in_box((1.0, 1.0, 6.0, 6.0), 16, grid, 128, 128).any()   # between centres

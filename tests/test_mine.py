@@ -270,3 +270,13 @@ def test_resumed_from_any_saved_state_mining_ends_as_an_uninterrupted_run():
 ])
 def test_balanced_lam(norms, balance, want):
     assert balanced_lam(norms, MineConfig(lam=0.5, balance=balance)) == pytest.approx(want)
+
+
+def test_an_oracle_m1_replaces_the_update_of_h1():
+    cfg, model = micro()
+    cfg.mine.rounds, cfg.mine.epochs, cfg.mine.min_epochs = 2, 1, 1
+    given = torch.ones(6, 8, H, H, dtype=torch.uint8)
+    given[:, :, 1:3, 0:2] = 0
+    out = attention_mining(model, Memory(6, 1), Memory(24, 2), Memory(20, 3), cfg, Runner(), oracle=given)
+    assert torch.equal(out["masks"][1], given)
+    assert torch.all(out["cams"][1][:, :, 1:3, 0:2] == 0)

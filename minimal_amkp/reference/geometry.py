@@ -91,6 +91,14 @@ def resize(v, n_out, grid, axis=-1):
     return np.moveaxis(lo + (src - i0) * (hi - lo), -1, axis)
 
 
+def cells_in_box(box, n, grid, width, height):
+    """The cells of an n×n map on `grid` whose centres lie in box (x, y, w, h) of a width ×
+    height frame spanning the model input (edges included) -> bool (n, n), rows first."""
+    x, y, w, h = (float(v) for v in box)
+    cx, cy = cell_centres(np.arange(n), grid, width), cell_centres(np.arange(n), grid, height)
+    return ((y <= cy) & (cy <= y + h))[:, None] & ((x <= cx) & (cx <= x + w))[None, :]
+
+
 def nearest_cells(n_out, n_in, grid):
     """For each pixel of an n_out-pixel frame, the cell whose centre is nearest -> (n_out,) ints."""
     positive_int("n_out", n_out), positive_int("n_in", n_in)

@@ -15,13 +15,14 @@ import shutil
 import numpy as np
 import torch
 
+from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.classify import classification_epoch, plan, set_phase
 from minimal_amkp.config import RunError, validate
 from minimal_amkp.data import phantom
 from minimal_amkp.data.phantom import sibling
 from minimal_amkp.data.chestxray import read_dataset
-from minimal_amkp.data.images import Images, check_images
+from minimal_amkp.data.images import Images, check_images, frame
 from minimal_amkp.loop import optimizer, predict
 from minimal_amkp.mine import attention_mining
 from minimal_amkp.model import ResNetMSA, load_init, map_grid, map_size
@@ -186,6 +187,22 @@ def _save_npz(path, **arrays):
         np.savez(f, **arrays)
 
 
+def oracle_masks(ds, names, grid, h):
+    """M_1 of --mine.erase oracle: in each mining image's mask of a class, the cells whose centres
+    lie in one of its lesion A boxes (the positive control's lesion_kinds.csv) set to 0
+    -> uint8 (n, 8, h, h). RunError on data without lesion_kinds.csv."""
+    if ds.kinds is None:
+        raise RunError("--mine.erase oracle: the data has no lesion_kinds.csv; only the positive control "
+                       "(--data.phantom-scenario hidden-sibling) says which box is lesion A")
+    index = {name: i for i, name in enumerate(names)}
+    m = np.ones((len(names), len(BOX_CLASSES), h, h), np.uint8)
+    for box, kind in ds.kinds:
+        if kind == "A" and box.image in index:
+            width, height = frame(ds, box.image)
+            m[index[box.image], box.label][R.cells_in_box((box.x, box.y, box.w, box.h), h, grid, width, height)] = 0
+    return torch.from_numpy(m)
+
+
 def run_job(cfg, data, resume, runner):
     """Train, mine, score the test split and write the report; resumable after every epoch."""
     ds, mining_names, train_names, test_names = data
@@ -196,6 +213,8 @@ def run_job(cfg, data, resume, runner):
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)      # inputs follow in loop.to_device
     h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
+    oracle = oracle_masks(ds, mining_names, map_grid(model, cfg.data.image_size), h) \
+        if cfg.mine.erase == "oracle" else None
     phases, done = plan(cfg), (0, 0)
     fingerprint = checkpoint.fingerprint(ds, mining_names, train_names, test_names)
     state = runner.on_main(checkpoint.load, out, phases=phases, mine=cfg.mine, n_mining=len(mining_names),
@@ -230,7 +249,7 @@ def run_job(cfg, data, resume, runner):
         runner.on_main(checkpoint.save, out, config=to_dict(cfg), data=fingerprint, phase=len(phases),
                             epoch=0, model=model, opt=None, mining=mined)
     mined = attention_mining(model, mining, train, test, cfg, runner,
-                             state["mining"] if state is not None else None, save)
+                             state["mining"] if state is not None else None, save, oracle)
     scores = predict(model, test, 2 * cfg.train.batch_size, runner, "scoring the test split")
     mining_arrays = dict(names=mining_names, labels=mining.labels.numpy().astype(np.uint8),
                          cams=mined["cams"].numpy(), masks=mined["masks"].numpy(), image_size=size,

@@ -3,9 +3,10 @@
     python -m minimal_amkp.study.fork SOURCE OUT [--mine.FIELD VALUE ...]
 
 SOURCE is a run's --out whose classification has finished (its checkpoint holds N_A, the
-network as it was before mining). OUT becomes a run of the same settings and seed, with the
-options given here on top (mining options: the model, data and training must stay those that
-trained N_A), whose classification is done: attention mining starts at once and OUT gets the
+network as it was before mining). OUT becomes a run with SOURCE's run, model, data and
+training settings, the preset's mining settings as this code defines them (not SOURCE's), and
+the options given here on top (mining options: the model, data and training must stay those
+that trained N_A), whose classification is done: attention mining starts at once and OUT gets the
 whole of a run's outputs. An interrupted fork is continued by the same command. Each mining
 round's record (report.md, "Attention-mining rounds") is printed at the end.
 """
@@ -14,7 +15,7 @@ import os
 import sys
 import time
 
-from minimal_amkp.config import RunError, validate
+from minimal_amkp.config import RunError, preset, validate
 from minimal_amkp.run import cli
 from minimal_amkp.run.job import run
 from minimal_amkp.run.settings import apply, from_dict
@@ -30,7 +31,9 @@ def main(argv=None):
         with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
             stored = json.load(f)
         given = cli.parse(["--out", out, *options])[3]                  # the options given here only
-        cfg = validate(apply(from_dict(stored), {k: v for k, v in given.items() if k != "run.preset"}))
+        cfg = from_dict(stored)
+        cfg.mine = preset(cfg.run.preset).mine
+        cfg = validate(apply(cfg, {k: v for k, v in given.items() if k != "run.preset"}))
         start = time.perf_counter()
         if not os.path.exists(os.path.join(out, "config.json")):
             fork(source, cfg)
