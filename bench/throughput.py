@@ -21,7 +21,7 @@ import time
 import torch
 
 from minimal_amkp.config import ModelConfig
-from minimal_amkp.mine import am_loss, frozen_copy
+from minimal_amkp.objective import am_loss, frozen_copy
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.loop import autocast, to_device
 

@@ -5,9 +5,9 @@ import torch
 
 from minimal_amkp import reference as R
 from minimal_amkp.config import MineConfig, ModelConfig, preset
-from minimal_amkp.mine import (ROUND_RECORD, am_loss, attention_mining, balanced_lam, batch_masks, compute_cams,
-                               frozen_copy, leveled_off, mine_epoch, mine_mode, mining_batches, mining_lr, movement,
-                               next_masks, term_norms)
+from minimal_amkp.mine import (ROUND_RECORD, attention_mining, batch_masks, compute_cams, leveled_off, mine_epoch,
+                               mining_batches, mining_lr, movement, next_masks)
+from minimal_amkp.objective import am_loss, balanced_lam, frozen_copy, mine_mode, term_norms
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.classify import Phase, set_phase
 from minimal_amkp.loop import optimizer

@@ -401,7 +401,7 @@ def on_backend(monkeypatch, model, model_a, name):
 def micro_step(channels_last=False):
     """A micro ResNet-MSA with a drifted N_A and a batch of 4 images, the first 2 erased."""
     from minimal_amkp.config import ModelConfig
-    from minimal_amkp.mine import frozen_copy
+    from minimal_amkp.objective import frozen_copy
     from minimal_amkp.model import ResNetMSA
 
     torch.manual_seed(0)
@@ -422,7 +422,7 @@ def micro_step(channels_last=False):
 def test_one_training_step_is_the_same_on_both_backends(monkeypatch, channels_last):
     """Loss (6) with erased maps and a drifted N_A: loss, L_KP and every gradient."""
     require_kernels(monkeypatch)
-    from minimal_amkp.mine import am_loss
+    from minimal_amkp.objective import am_loss
 
     model, model_a, x, y, m = micro_step(channels_last)
     results = {}
@@ -445,7 +445,7 @@ def test_channels_last_training_step_makes_no_layout_copy(monkeypatch):
     that reaches X is the one buffer the dX kernel wrote (no second dX, no sum)."""
     require_kernels()
     from kernels import launch
-    from minimal_amkp.mine import am_loss
+    from minimal_amkp.objective import am_loss
 
     model, model_a, x, y, m = micro_step(channels_last=True)
     on_backend(monkeypatch, model, model_a, "triton")
