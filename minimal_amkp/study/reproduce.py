@@ -156,7 +156,8 @@ def fork(source, cfg):
     state = checkpoint.load(source)
     if state is None or state["mining"] is None:
         raise RunError(f"{source}: holds no network trained up to mining to fork {out} from")
-    trained, wanted = as_json(state["config"]), as_json(to_dict(cfg))
+    # Through from_dict, so a setting newer than the source run reads as its default.
+    trained, wanted = as_json(to_dict(from_dict(state["config"]))), as_json(to_dict(cfg))
     diff = [f"{s}.{k}: {trained[s].get(k)!r} there, {v!r} here" for s in ("model", "data", "train")
             for k, v in wanted[s].items() if k not in ("workers", "preload") and trained[s].get(k) != v]
     diff += [f"run.{k}" for k in ("data", "init") if trained["run"][k] != wanted["run"][k]]
