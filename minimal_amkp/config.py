@@ -112,7 +112,7 @@ CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
 
 # `tiny` was chosen on phantom v2 (6000 images, 128 px) so that the whole run fits in a few
 # minutes on 2 CPU cores with a map of at least 16×16. Measured choices, each a field one can
-# override (README, "The tiny preset"):
+# override (docs/phantom.md, "The tiny preset"):
 # - three stages, MSA on layer2 and layer3: X at 1/8 of a 128-px input (16×16) for a quarter
 #   of the cost of four stages without the stem's max-pool;
 # - ResNet-MSA from scratch in one end-to-end phase (no ImageNet ResNet-50 to start the
@@ -120,9 +120,9 @@ CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
 # - random shifts and zooms; a free w (w >= 0 cost 0.06-0.1 of box-class AUROC). Findings that
 #   take lung away (cardiomegaly, effusion) are learnt as "less lung", so their CAMs peak
 #   anywhere outside the lungs; the zoom was meant to make that area cue unreliable and does not
-#   do so reliably (README, "The tiny preset");
+#   do so reliably (docs/phantom.md, "The tiny preset");
 # - replicate padding, so border cells get no zero frame to key on;
-# - mining that is not swamped (issue 22; README, "What attention mining adds here"): half of
+# - mining that is not swamped (issue 22; docs/mining.md): half of
 #   each minibatch erased (n/N = 0.5, the paper's 0.125 left 4-7 erased positives among 448
 #   BCE terms), λ brought down each round to where λ·L_KP's gradient is no larger than the
 #   erased positives' (balance 1; the paper's λ = 0.5 gave it 12-25 times theirs), and up to 5

@@ -48,7 +48,7 @@ def mine_mode(model, k):
     "batch", the running statistics drift toward those batches, and the eval-mode network that
     makes the CAMs and the erased-image loss is not the one that trained: measured on the
     default run's classifier, N_A's weights with N_B's drifted statistics raise the mining
-    images' loss from 1.59 to 1.72 (README). Returns the parameters to train.
+    images' loss from 1.59 to 1.72 (study/results/mining.md). Returns the parameters to train.
     """
     params = set_phase(model, Phase.MINE)
     if k.bn == "frozen":

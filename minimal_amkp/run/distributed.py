@@ -1,6 +1,6 @@
 """One job on several processes and machines: torchrun's process group, and `TorchRun`, the runner over it.
 
-    torchrun --nproc-per-node=K -m minimal_amkp ...        (README: several GPUs or machines)
+    torchrun --nproc-per-node=K -m minimal_amkp ...        (docs/distributed.md)
 
 torchrun starts K copies of the program and tells each its place through RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Started without them (plain `python -m minimal_amkp`)
