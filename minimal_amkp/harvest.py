@@ -60,6 +60,15 @@ def check_mining(mining, ds=None):
     return names, labels, cams, masks, size, grid
 
 
+def read_mining(path):
+    """A run's mining.npz as the dict check_mining takes: 0-d arrays unwrapped, names as str."""
+    with np.load(path) as z:
+        mining = {k: z[k][()] if z[k].ndim == 0 else z[k] for k in z.files}
+    if "names" in mining:
+        mining["names"] = [str(n) for n in mining["names"]]
+    return mining
+
+
 def fused(cams, masks):
     """Eq. (8) over the whole batch: cams, masks (T, n, 8, h, w) -> H_f (n, 8, h, w)."""
     return R.fuse_heatmaps(list(cams), list(masks))

@@ -34,7 +34,7 @@ from minimal_amkp.run.job import phantom_root
 from minimal_amkp.run.settings import from_dict
 from minimal_amkp.run.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
                                   save_png, strip)
-from minimal_amkp.harvest import check_mining, harvest, upsample
+from minimal_amkp.harvest import check_mining, harvest, read_mining, upsample
 from minimal_amkp.run.lesions import gains
 from minimal_amkp.run.report import ground_truth
 
@@ -136,8 +136,7 @@ def load_run(run):
     """(names, labels, cams, masks, data set, grid) of the finished run in `run`, checked."""
     path = ensure_run(run)
     try:
-        with np.load(path) as f:
-            mining = {k: f[k][()] if f[k].ndim == 0 else f[k] for k in f.files}
+        mining = read_mining(path)
         check_mining(mining)                     # before the data set, which may be generated
         with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
             cfg = from_dict(json.load(f))
@@ -145,7 +144,7 @@ def load_run(run):
         names, labels, cams, masks, _, grid = check_mining(mining, ds)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         sys.exit(f"make_figures: --run {run}: {e}")
-    return [str(n) for n in names], labels, cams.astype(np.float64), masks.astype(np.float64), ds, grid
+    return names, labels, cams.astype(np.float64), masks.astype(np.float64), ds, grid
 
 
 def mining_figures(run):

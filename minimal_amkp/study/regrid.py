@@ -20,6 +20,7 @@ import torch
 from minimal_amkp import reference as R
 from minimal_amkp.config import RunError
 from minimal_amkp.data.chestxray import read_dataset
+from minimal_amkp.harvest import read_mining
 from minimal_amkp.mine import ROUND_RECORD
 from minimal_amkp.model import ResNetMSA, map_grid
 from minimal_amkp.run.job import phantom_root
@@ -30,15 +31,13 @@ from minimal_amkp.run.settings import from_dict
 def load(run):
     """(mining dict, test dict, config dict, round records) of the finished run in `run`."""
     try:
-        with np.load(os.path.join(run, "mining.npz")) as z:
-            mining = {k: z[k][()] if z[k].ndim == 0 else z[k] for k in z.files}
+        mining = read_mining(os.path.join(run, "mining.npz"))
         with np.load(os.path.join(run, "test.npz")) as z:
             test = {k: z[k] for k in z.files}
         with open(os.path.join(run, "report.json"), encoding="utf-8") as f:
             report = json.load(f)
     except (OSError, ValueError, KeyError) as e:
         raise RunError(f"{run}: not a finished run ({e})") from None
-    mining["names"] = [str(n) for n in mining["names"]]
     return mining, test, report["config"], report["rounds"]
 
 

@@ -54,7 +54,7 @@ from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError
 from minimal_amkp.run.settings import as_json, differences, from_dict, problem, to_dict
 from minimal_amkp.data.images import frame
-from minimal_amkp.harvest import by_class, check_mining, fused, harvest
+from minimal_amkp.harvest import by_class, check_mining, fused, harvest, read_mining
 from minimal_amkp.run.lesions import peak_in_box
 from minimal_amkp.model import ResNetMSA
 from minimal_amkp.run.progress import clock
@@ -247,8 +247,7 @@ def measure(out, datasets):
     if root not in datasets:
         datasets[root] = read_dataset(root)
     ds = datasets[root]
-    with np.load(os.path.join(out, "mining.npz")) as z:
-        names, labels, cams, masks, _, grid = check_mining({k: z[k] for k in z.files}, ds)
+    names, labels, cams, masks, _, grid = check_mining(read_mining(os.path.join(out, "mining.npz")), ds)
     frames = [frame(ds, n) for n in names]
     gt = ground_truth(names, ds.boxes)
     seconds = float("nan")
