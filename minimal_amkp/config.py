@@ -75,7 +75,9 @@ class MineConfig:
     threshold: float = 0.5                 # CAM binarisation of the mask update (Sec. 3.2)
     dilate: int = 0                        # grow each erased region by this many cells (0: the paper)
     bn: str = "frozen"                     # batch norm while mining: frozen (running statistics) | batch
-    erase: str = "feature"                 # feature: eq. (1) on M_t | oracle: M_1 = the control's lesions A
+    erase: str = "feature"                 # feature: eq. (1) on X | image: the same cells' pixels filled (reference.erase_image)
+    oracle: bool = False                   # M_1 = the positive control's lesions A, not the update of H_1
+    holes: str = "none"                    # matched: negatives get erased regions drawn from the positives' (mine.hole_masks)
 
 
 @dataclass
@@ -104,7 +106,8 @@ CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
            ("model", "padding"): ("zeros", "replicate"),
            ("mine", "kp"): ("full", "vanilla", "none"),
            ("mine", "bn"): ("frozen", "batch"),
-           ("mine", "erase"): ("feature", "oracle"),
+           ("mine", "erase"): ("feature", "image"),
+           ("mine", "holes"): ("none", "matched"),
            ("train", "optimizer"): ("sgd", "adamw"),
            ("run", "device"): ("auto", "cpu", "cuda"),
            ("run", "preset"): ("tiny", "paper"),

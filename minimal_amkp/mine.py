@@ -40,6 +40,8 @@ KP modes, our reading of Sec. 2.2 (the paper does not spell out the batch recipe
     none     minibatches of N mining images only, all erased, L = L_cls
 The mining images are never augmented: a moved pixel would leave its mask behind.
 """
+import zlib
+
 import numpy as np
 import torch
 
@@ -48,7 +50,7 @@ from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError
 from minimal_amkp.loop import autocast, chunks, infer, optimizer, order, predict, run_epoch, to_device
-from minimal_amkp.model import map_size
+from minimal_amkp.model import map_grid, map_size
 from minimal_amkp.objective import am_loss, balanced_lam, frozen_copy, mine_mode, term_norms
 
 B = len(BOX_CLASSES)                                       # masks and CAMs cover the 8 box classes
@@ -77,23 +79,74 @@ def mining_batches(k, n_mine, n_train, seed, round_, epoch):
 
 def batch_masks(m8, classes):
     """Mining masks (n, 8, h, w) -> (n, classes, h, w): the unboxed classes are never erased."""
-    pad = torch.ones(m8.shape[0], classes - m8.shape[1], *m8.shape[2:], dtype=m8.dtype)
+    pad = torch.ones(m8.shape[0], classes - m8.shape[1], *m8.shape[2:], dtype=m8.dtype, device=m8.device)
     return torch.cat([m8, pad], dim=1)
 
 
-def minibatch(idx, mining, train, masks, runner, shard=True):
+def hole_masks(y, masks, mining_labels, rng):
+    """--mine.holes matched (our addition): for each image of a minibatch (labels y (N, 14)) and
+    box class c it is negative for, the mask M_{t-1} of class c of a mining image positive for c,
+    drawn by the numpy Generator rng among those that erase something; all ones elsewhere
+    -> uint8 (N, 8, h, w). masks (n_mine, 8, h, w) = M_{t-1}, mining_labels (n_mine, 14).
+
+    Why: g in eq. (2) averages over every cell, so a hole moves z_c of any image, and the
+    classifier already reads a hole as evidence for the class (a hole in a negative test image
+    raises its logit by 0.48 on average, control seed 1). Mining on erased positives alone then
+    fits them by that cue, whatever is left in the image; a negative with a hole of the same
+    size makes the cue worthless, so only what remains in the erased positives can fit them.
+    """
+    out = torch.ones(len(y), B, *masks.shape[2:], dtype=torch.uint8)
+    erasing = (masks == 0).flatten(2).any(-1) & mining_labels[:, :B].bool()        # (n_mine, 8)
+    negative = ~y[:, :B].bool()                                                      # (N, 8)
+    for c in range(B):
+        pool, rows = torch.nonzero(erasing[:, c]).flatten(), torch.nonzero(negative[:, c]).flatten()
+        if len(pool) and len(rows):
+            out[rows, c] = masks[pool[torch.as_tensor(rng.integers(0, len(pool), len(rows)))], c]
+    return out
+
+
+def minibatch(idx, mining, train, masks, runner, shard=True, rng=None, grid=None):
     """This process's slice (shard=False: all) of one mining minibatch idx = (mining positions,
     train_val positions) -> x (n, 1, S, S), y (n, 14), m (n, 14, h, w) float32 (the train_val
-    images' all ones) on the runner's device, and how many of them are erased mining images."""
-    mi, ti = (runner.shard(i) for i in idx) if shard else idx
+    images' all ones, or with rng the holes of hole_masks, drawn for the whole minibatch) on the
+    runner's device, and how many of them are erased mining images. With the maps' grid
+    (--mine.erase image), m's cells are erased in x's pixels instead (erase) and m is all ones."""
+    mi, ti = idx
+    m8 = torch.cat([masks[torch.as_tensor(mi)], torch.ones(len(ti), *masks.shape[1:], dtype=masks.dtype)])
+    if rng is not None:
+        m8 = m8 * hole_masks(torch.cat([mining.labels[mi], train.labels[ti]]), masks, mining.labels, rng)
+    m8m, m8t = m8[:len(mi)], m8[len(mi):]
+    if shard:
+        mi, ti, m8m, m8t = (runner.shard(a) for a in (mi, ti, m8m, m8t))
     xm, ym = mining.batch(mi)
-    m = batch_masks(masks[torch.as_tensor(mi)], ym.shape[1])
+    m8 = torch.cat([m8m, m8t])
     if len(ti):
         xt, yt = train.batch(ti)
         xm, ym = torch.cat([xm, xt]), torch.cat([ym, yt])
-        m = torch.cat([m, torch.ones(len(ti), *m.shape[1:], dtype=m.dtype)])
     device = runner.device
-    return to_device(xm, device), ym.to(device), m.to(device, torch.float32), len(mi)
+    x, m = erase(to_device(xm, device), m8.to(device), grid)
+    return x, ym.to(device), batch_masks(m, ym.shape[1]).to(torch.float32), len(mi)
+
+
+def erase(x, m8, grid):
+    """Where M_{t-1} (m8 (n, 8, h, w), on x's device) takes effect -> (x, the masks the network
+    applies to X): eq. (1) on X (grid None) leaves x whole; --mine.erase image (the maps' grid)
+    fills the erased cells' pixels (ops.erase_image) and erases nothing in X, so N_B sees what a
+    network would see had the region never been there, receptive field and all."""
+    if grid is None:
+        return x, m8
+    return ops.erase_image(x, m8, grid), torch.ones_like(m8)
+
+
+def image_grid(model, cfg):
+    """The maps' grid under --mine.erase image, else None (erase)."""
+    return tuple(map_grid(model, cfg.data.image_size)) if cfg.mine.erase == "image" else None
+
+
+def hole_rng(k, seed, round_, epoch, step):
+    """The Generator of hole_masks for one minibatch (None unless --mine.holes matched): a pure
+    function of where it is, so a resumed run and K processes draw the same holes."""
+    return np.random.default_rng([seed, zlib.crc32(b"holes"), round_, epoch, step]) if k.holes == "matched" else None
 
 
 def mining_lr(k, step):
@@ -119,8 +172,10 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
         runner.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
     ratios = []
 
-    def loss_fn(idx):
-        x, y, m, n = minibatch(idx, mining, train, masks, runner)      # this process's slice
+    def loss_fn(payload):
+        i, idx = payload
+        x, y, m, n = minibatch(idx, mining, train, masks, runner, rng=hole_rng(k, cfg.run.seed, round_, epoch, i),
+                               grid=image_grid(model, cfg))
         with autocast(device):
             _, l_cls, l_kp = am_loss(net, model_a, x, y, m, n, k.kp, lam)
         # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).
@@ -131,7 +186,7 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
         ratios.append(runner.average(lam * l_kp) / runner.average(l_cls))
         return ops.total_loss(l_cls, l_kp, lam)
 
-    loss = run_epoch(model, opt, [(len(mi) + len(ti), (mi, ti)) for mi, ti in batches], loss_fn,
+    loss = run_epoch(model, opt, [(len(mi) + len(ti), (i, (mi, ti))) for i, (mi, ti) in enumerate(batches)], loss_fn,
                      lambda i: mining_lr(k, step + i), f"AM round {round_}/{k.rounds} epoch {epoch + 1}", runner)
     return loss, (float(np.mean(ratios)) if ratios else None), len(batches)
 
@@ -144,17 +199,22 @@ def round_norms(model, model_a, mining, train, masks, cfg, round_, runner):
     if not first:
         return dict(am=None, cls=None, kp=None)
     mine_mode(model, k)
-    x, y, m, n = minibatch(first[0], mining, train, masks, runner, shard=False)
+    x, y, m, n = minibatch(first[0], mining, train, masks, runner, shard=False, rng=hole_rng(k, cfg.run.seed, round_, 0, 0),
+                           grid=image_grid(model, cfg))
     with autocast(runner.device):
         return term_norms(model, model_a, x, y, m, n, k)
 
 
-def compute_cams(model, mining, masks, batch_size, label, runner):
+def compute_cams(model, mining, masks, batch_size, label, runner, grid=None):
     """H_t: eq. (7) under masks M_{t-1} (n, 8, h, w) for this process's shard of the mining
-    images -> float32 (len(shard), 8, h, w)."""
+    images -> float32 (len(shard), 8, h, w). With grid (--mine.erase image) N_B sees the erased
+    image, and H_t is still 0 on the erased cells, as eq. (7) has it."""
     device = runner.device
-    h = infer(model, mining, batch_size, label, runner.rows(len(mining)),
-              lambda x, idx: model.cam(x, masks[torch.as_tensor(idx)].to(device, torch.float32), B), runner)
+
+    def cams(x, idx):
+        m8 = masks[torch.as_tensor(idx)].to(device)
+        return model.cam(erase(x, m8, grid)[0], m8.to(torch.float32), B)
+    h = infer(model, mining, batch_size, label, runner.rows(len(mining)), cams, runner)
     return h if h is not None else torch.zeros(0, B, *masks.shape[2:])
 
 
@@ -166,15 +226,18 @@ def next_masks(h, m, labels, threshold, dilate=0):
     return torch.where(positive, updated, m)
 
 
-def erased_loss(model, mining, masks, batch_size, runner):
+def erased_loss(model, mining, masks, batch_size, runner, grid=None):
     """The loss a round drives down: the mean binary cross-entropy −log σ(z_c) over every mining
     image and box class c it is labelled with, its branch c seeing X erased by M_{t-1} (eval
     mode). The classes an image is negative for are left out: their masks are all ones and
-    nothing is erased for them. masks (n, 8, h, w); this process scores its shard."""
+    nothing is erased for them. masks (n, 8, h, w); grid: --mine.erase image (erase); this
+    process scores its shard."""
     device = runner.device
-    logits = infer(model, mining, batch_size, "erased-image loss", runner.rows(len(mining)),
-                   lambda x, idx: model(x, batch_masks(masks[torch.as_tensor(idx)], mining.labels.shape[1])
-                                        .to(device, torch.float32)).logits[:, :B], runner)
+
+    def logits_of(x, idx):
+        x, m8 = erase(x, masks[torch.as_tensor(idx)].to(device), grid)
+        return model(x, batch_masks(m8, mining.labels.shape[1]).to(torch.float32)).logits[:, :B]
+    logits = infer(model, mining, batch_size, "erased-image loss", runner.rows(len(mining)), logits_of, runner)
     logits = runner.gather(logits if logits is not None else torch.zeros(0, B)).double()
     positive = mining.labels[:, :B].bool()
     return float(torch.nn.functional.softplus(-logits[positive]).mean()) if positive.any() else 0.0
@@ -230,7 +293,7 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
     so that round 2 trains on the erasure a perfect H_1 would make.
     -> dict(cams, masks (T, n, 8, h, w) tensors; records: one dict per round, ROUND_RECORD keys)
     """
-    k = cfg.mine
+    k, grid = cfg.mine, image_grid(model, cfg)
     rows = runner.rows(len(mining))                           # the mining images this process maps
     batch = 2 * k.batch_size
     model_a = frozen_copy(model, k.bn)
@@ -256,7 +319,7 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
     while state["round"] <= k.rounds:
         t, masks = state["round"], state["masks"][-1]
         if not state["losses"]:
-            state["losses"].append(erased_loss(model, mining, masks, batch, runner))
+            state["losses"].append(erased_loss(model, mining, masks, batch, runner, grid))
             state["norms"] = round_norms(model, model_a, mining, train, masks, cfg, t, runner)
             state["lam"] = balanced_lam(state["norms"], k)
             if state["norms"]["kp"] is not None:
@@ -267,11 +330,11 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
             state["epoch"] += 1
             state["steps"] += steps
             state["ratios"].append(ratio)
-            state["losses"].append(erased_loss(model, mining, masks, batch, runner))
+            state["losses"].append(erased_loss(model, mining, masks, batch, runner, grid))
             state["optimizer"] = opt.state_dict()
             if save:
                 save(state)
-        h_t = compute_cams(model, mining, masks, batch, f"CAMs H_{t}", runner)
+        h_t = compute_cams(model, mining, masks, batch, f"CAMs H_{t}", runner, grid)
         state["cams"].append(runner.gather(h_t))
         labels = mining.labels.numpy()
         ratios = [r for r in state["ratios"] if r is not None]

@@ -29,6 +29,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from minimal_amkp.reference.geometry import nearest_cells
+
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -243,6 +245,23 @@ def dilate_erasure(m_new, m_prev, r):
     erased = ((m_prev == 1) & (m_new == 0)).reshape(-1, 1, H, W).float()
     grown = F.max_pool2d(erased, 2 * r + 1, 1, r).reshape(m_new.shape) > 0
     return torch.where(grown, torch.zeros_like(m_new), m_new)
+
+
+@torch.no_grad()
+def erase_image(image, m, grid):
+    """= reference.erase_image: the pixels under each image's erased cells (any class) filled
+    with the mean of the pixels kept. image (N, 1, S, S), m (N, C, H, W) binary on the same
+    device, grid (stride, offset, size) -> (N, 1, S, S) in image's dtype. No gradient."""
+    if image.dim() != 4 or image.shape[1] != 1 or image.shape[2] != image.shape[3] or m.dim() != 4 \
+            or m.shape[0] != image.shape[0]:
+        raise ValueError(f"image must be (N, 1, S, S) and m (N, C, H, W) with one N, got {tuple(image.shape)} "
+                         f"and {tuple(m.shape)}")
+    S, H = image.shape[2], m.shape[2]
+    r = torch.as_tensor(nearest_cells(S, H, grid), device=image.device)         # (S,)
+    p = m.amin(dim=1)[:, r[:, None], r[None, :]][:, None].to(image.dtype)        # (N, 1, S, S)
+    kept = p.sum(dim=(1, 2, 3))
+    f = (image * p).sum(dim=(1, 2, 3)) / kept.clamp(min=1)                        # 0 where none kept
+    return image * p + f[:, None, None, None] * (1 - p)
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def error_line(capsys):
     (["--train.lrr", "0.1"], r"unrecognized arguments: --train.lrr"),
     (["--train.lr", "fast"], r"--train.lr: cannot read 'fast' as float"),
     (["--mine.kp", "maybe"], r"--mine.kp: 'maybe' is not one of full, vanilla, none"),
-    (["--mine.erase", "pixels"], r"--mine.erase: 'pixels' is not one of feature, oracle"),
+    (["--mine.erase", "pixels"], r"--mine.erase: 'pixels' is not one of feature, image"),
     (["--mine.bn", "off"], r"--mine.bn: 'off' is not one of frozen, batch"),
     (["--data.phantom-scenario", "control"],
      r"--data.phantom_scenario: 'control' is not one of v2, hidden-sibling, sibling-alone$"),
@@ -575,7 +575,7 @@ def test_fork_mines_again_from_a_finished_runs_classifier(finished, tmp_path, ca
 
 
 def test_the_oracle_needs_the_positive_control_and_says_so_before_training(data, tmp_path, capsys):
-    assert main(["--data", data, "--out", str(tmp_path / "out"), *MICRO, "--mine.erase", "oracle"]) == 1
+    assert main(["--data", data, "--out", str(tmp_path / "out"), *MICRO, "--mine.oracle", "true"]) == 1
     line = error_line(capsys)
-    assert re.search(r"--mine.erase oracle: the data has no lesion_kinds.csv", line), line
+    assert re.search(r"--mine.oracle: the data has no lesion_kinds.csv", line), line
     assert not (tmp_path / "out" / "checkpoint.pt").exists()

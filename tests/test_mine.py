@@ -5,10 +5,11 @@ import torch
 
 from minimal_amkp import reference as R
 from minimal_amkp.config import MineConfig, ModelConfig, preset
-from minimal_amkp.mine import (ROUND_RECORD, attention_mining, batch_masks, compute_cams, leveled_off, mine_epoch,
-                               mining_batches, mining_lr, movement, next_masks)
+from minimal_amkp import ops
+from minimal_amkp.mine import (ROUND_RECORD, attention_mining, batch_masks, compute_cams, hole_masks, hole_rng,
+                               image_grid, leveled_off, mine_epoch, minibatch, mining_batches, mining_lr, movement, next_masks)
 from minimal_amkp.objective import am_loss, balanced_lam, frozen_copy, mine_mode, term_norms
-from minimal_amkp.model import ResNetMSA
+from minimal_amkp.model import ResNetMSA, map_grid
 from minimal_amkp.classify import Phase, set_phase
 from minimal_amkp.loop import optimizer
 from minimal_amkp.runner import Runner
@@ -185,9 +186,11 @@ def mining_run(cfg, model, state=None, save=None):
                             state, save)
 
 
-def test_attention_mining_runs_t_rounds_and_records_each():
+@pytest.mark.parametrize("erase, holes", [("feature", "none"), ("image", "matched")])
+def test_attention_mining_runs_t_rounds_and_records_each(erase, holes):
     cfg, model = micro()
     cfg.mine.rounds, cfg.mine.epochs, cfg.mine.min_epochs = 3, 2, 2
+    cfg.mine.erase, cfg.mine.holes = erase, holes
     out = mining_run(cfg, model)
     assert out["cams"].shape == (3, 6, 8, H, H) and out["masks"].shape == (3, 6, 8, H, H)
     assert torch.all(out["masks"][0] == 1) and torch.all(out["masks"][1:] <= out["masks"][:-1])
@@ -280,3 +283,96 @@ def test_an_oracle_m1_replaces_the_update_of_h1():
     out = attention_mining(model, Memory(6, 1), Memory(24, 2), Memory(20, 3), cfg, Runner(), oracle=given)
     assert torch.equal(out["masks"][1], given)
     assert torch.all(out["cams"][1][:, :, 1:3, 0:2] == 0)
+
+
+def erased_world(n_mine=7, seed=3):
+    """Mining labels (n_mine, 14) and masks M (uint8 (n_mine, 8, H, H)) that erase a random
+    block of every positive box class but class 2's; every image is negative for class 5."""
+    g = np.random.default_rng(seed)
+    labels = torch.from_numpy((g.random((n_mine, 14)) < 0.5).astype(np.float32))
+    labels[:, 5] = 0
+    masks = torch.ones(n_mine, 8, H, H, dtype=torch.uint8)
+    for i, c in zip(*np.nonzero(labels[:, :8].numpy())):
+        if c != 2:
+            y, x = g.integers(0, H - 1, 2)
+            masks[i, c, y:y + 2, x:x + 2] = 0
+    return labels, masks
+
+
+def test_hole_masks_give_negatives_the_erasure_of_a_positive_of_the_same_class():
+    labels, masks = erased_world()
+    y = torch.from_numpy((np.random.default_rng(4).random((11, 14)) < 0.5).astype(np.float32))
+    holes = hole_masks(y, masks, labels, np.random.default_rng(0))                     # (11, 8, H, H)
+    assert holes.shape == (11, 8, H, H) and holes.dtype == torch.uint8
+    for i in range(11):
+        for c in range(8):
+            erasing = [masks[j, c] for j in range(len(masks)) if labels[j, c] and masks[j, c].min() == 0]
+            if y[i, c] or not erasing:
+                assert torch.all(holes[i, c] == 1), f"image {i} class {c}: a hole where none belongs"
+            else:
+                assert any(torch.equal(holes[i, c], e) for e in erasing), \
+                    f"image {i} class {c}: its hole is no positive's mask of class {c}"
+    assert (holes[:, 2] == 1).all() and (holes[:, 5] == 1).all()   # nothing erased, no positive
+    again = hole_masks(y, masks, labels, np.random.default_rng(0))
+    assert torch.equal(holes, again), "the same Generator state drew other holes"
+
+
+def test_no_holes_before_anything_is_erased():
+    labels, _ = erased_world()
+    ones = torch.ones(len(labels), 8, H, H, dtype=torch.uint8)
+    y = torch.zeros(5, 14)
+    assert torch.all(hole_masks(y, ones, labels, np.random.default_rng(0)) == 1)
+
+
+@pytest.mark.parametrize("holes", ["none", "matched"])
+def test_sharded_minibatches_put_together_are_the_whole_minibatch(holes):
+    """K processes each take their slice of a global minibatch: the holes are drawn for the
+    whole of it, so the slices stacked are the minibatch one process would build."""
+    labels, masks = erased_world()
+    mining, train = Memory(7, 1), Memory(20, 2)
+    mining.labels = labels
+    k = MineConfig(holes=holes)
+    idx = (np.array([0, 3, 5, 6]), np.array([2, 9, 11, 4, 7, 1]))
+    whole = minibatch(idx, mining, train, masks, Runner(), shard=False, rng=hole_rng(k, 0, 2, 1, 3))
+    parts = []
+    for rank in range(3):
+        runner = Runner()
+        runner.rank, runner.world = rank, 3
+        parts.append(minibatch(idx, mining, train, masks, runner, rng=hole_rng(k, 0, 2, 1, 3)))
+    for name, a, b in zip(("x", "y", "m"), whole[:3], zip(*[p[:3] for p in parts])):
+        n = whole[3]
+        stacked = torch.cat([p[:p_n] for p, p_n in zip(b, [q[3] for q in parts])] +
+                            [p[p_n:] for p, p_n in zip(b, [q[3] for q in parts])])
+        assert torch.equal(a, stacked), f"{name}: the slices differ from the whole minibatch"
+    assert sum(p[3] for p in parts) == whole[3] == 4
+    m, positive = whole[2], labels[idx[0], :8].bool()
+    assert torch.all(m[:, 8:] == 1), "an unboxed class was erased"
+    assert torch.equal(m[:4, :8][positive], masks[idx[0]][positive].float()), "a mining image lost its M_{t-1}"
+    if holes == "none":
+        assert torch.all(m[4:] == 1), "a whole train image got a hole without --mine.holes"
+    else:
+        assert (m[4:, :8] == 0).any(), "no train image got a hole"
+
+
+def test_image_erasure_fills_pixels_and_leaves_x_whole():
+    """--mine.erase image: the minibatch's images are erased in pixels (ops.erase_image on the
+    maps' grid) and the network gets all-ones masks; the CAMs of an erased image are 0 on the
+    erased cells (eq. 7's form) and equal the CAMs of the pixel-erased image elsewhere."""
+    cfg, model = micro()
+    cfg.mine.erase = "image"
+    labels, masks = erased_world(6)
+    mining, train = Memory(6, 1), Memory(8, 2)
+    mining.labels = labels
+    grid = image_grid(model, cfg)
+    assert grid == tuple(map_grid(model, S))
+    x, _, m, n = minibatch((np.arange(4), np.arange(3)), mining, train, masks, Runner(), grid=grid)
+    want = ops.erase_image(torch.cat([mining.images[:4], train.images[:3]]),
+                           torch.cat([masks[:4], torch.ones(3, 8, H, H, dtype=torch.uint8)]), grid)
+    assert n == 4 and torch.equal(x, want) and torch.all(m == 1)
+    assert not torch.equal(x[:4], mining.images[:4]), "nothing was erased"
+    h = compute_cams(model, mining, masks, 4, "CAMs", Runner(), grid)
+    model.eval()
+    with torch.no_grad():
+        plain = model.cam(ops.erase_image(mining.images, masks, grid), torch.ones(6, 8, H, H), 8)
+    assert torch.all(h[masks == 0] == 0)
+    torch.testing.assert_close(h[masks == 1], plain[masks == 1])

@@ -478,3 +478,20 @@ def test_channels_last_training_step_makes_no_layout_copy(monkeypatch):
     assert acts["layer3"][2:].data_ptr() in pointers and acts["layer4"][2:].data_ptr() in pointers
     assert len(grads) == 1 and grads[0].data_ptr() in pointers              # dX as the kernel wrote it
     assert grads[0].stride() == X.stride()
+
+
+@settings(SHAPES, max_examples=examples(30))
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=ODD, mask=st.sampled_from(["random", "dense", "zeros", "ones"]),
+       seed=st.integers(0, 2**32 - 1))
+@example(n=1, c=1, h=1, mask="zeros", seed=0)
+def test_erase_image_equals_reference(n, c, h, mask, seed):
+    rng = np.random.default_rng(seed)
+    grid, size = (8.0, 0.5, 8 * h), 8 * h
+    image = rng.random((n, 1, size, size))
+    m = live_cells(rng, mask, (n, c, h, h))
+    got = ops.erase_image(torch.tensor(image), torch.tensor(m, dtype=torch.uint8), grid)
+    want = R.erase_image(image, m, grid)
+    bad = np.argwhere(~np.isclose(got.numpy(), want, rtol=1e-12, atol=1e-12))
+    assert bad.size == 0, f"first mismatch at {tuple(bad[0])}: got {got.numpy()[tuple(bad[0])]}, want {want[tuple(bad[0])]}"
+    raises_one_line(ValueError, r"^image must be \(N, 1, S, S\) and m \(N, C, H, W\) with one N",
+                    lambda: ops.erase_image(torch.zeros(2, 1, 8, 8), torch.ones(3, 1, 1, 1), grid))

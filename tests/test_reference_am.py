@@ -247,3 +247,38 @@ def test_dilate_erasure_bad_input():
         R.dilate_erasure(np.ones((2, 2)), np.ones((2, 3)), 1)
     with pytest.raises(ValueError, match=r"^m_new: masks must hold only 0 and 1"):
         R.dilate_erasure(np.full((2, 2), 0.5), np.ones((2, 2)), 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.sampled_from([(8, 0.5), (4, 2.5), (5.0, 1.0)]),
+       st.sampled_from(["random", "zeros", "ones"]), st.integers(0, 2**32 - 1))
+def test_erase_image_fills_the_pixels_of_erased_cells_with_the_kept_mean(n, c, h, grid, mask, seed):
+    """Every pixel whose nearest cell centre is erased in some class takes the mean of the
+    pixels kept; the others stay; a mask of ones gives the image back."""
+    stride, offset = grid
+    size = int(round(stride * h))
+    rng = np.random.default_rng(seed)
+    image = rng.random((n, 1, size, size))
+    m = {"random": (rng.random((n, c, h, h)) < 0.6), "zeros": np.zeros((n, c, h, h)),
+         "ones": np.ones((n, c, h, h))}[mask].astype(float)
+    got = R.erase_image(image, m, (stride, offset, size))
+    def nearest(u):                                 # a tie goes to the later cell, as floor(x + ½)
+        d = np.abs(stride * np.arange(h) + offset - (u + 0.5))
+        return np.flatnonzero(d == d.min())[-1]
+    for i in range(n):
+        gone = np.zeros((size, size), bool)
+        for u in range(size):
+            for v in range(size):
+                gone[u, v] = m[i, :, nearest(u), nearest(v)].min() == 0
+        fill = image[i, 0][~gone].mean() if (~gone).any() else 0.0
+        want = np.where(gone, fill, image[i, 0])
+        bad = np.argwhere(~np.isclose(got[i, 0], want, rtol=0, atol=1e-12))
+        assert bad.size == 0, f"image {i}: first wrong pixel {tuple(bad[0])}: got {got[i, 0][tuple(bad[0])]}, want {want[tuple(bad[0])]}"
+    np.testing.assert_array_equal(R.erase_image(image, np.ones_like(m), (stride, offset, size)), image)
+
+
+def test_erase_image_bad_input():
+    with pytest.raises(ValueError, match=r"^image must be \(N, 1, S, S\) with m's N"):
+        R.erase_image(np.ones((2, 3, 8, 8)), np.ones((2, 1, 2, 2)), (4, 2, 8))
+    with pytest.raises(ValueError, match=r"^m: masks must hold only 0 and 1"):
+        R.erase_image(np.ones((1, 1, 8, 8)), np.full((1, 1, 2, 2), 0.5), (4, 2, 8))

@@ -3,7 +3,7 @@
 Never imports torch. Torch ops, Triton kernels, the bench and the walkthrough are checked
 against these functions.
 """
-from .am import (branch_logits, branch_losses, cam, classification_loss, dilate_erasure, erase,
+from .am import (branch_logits, branch_losses, cam, classification_loss, dilate_erasure, erase, erase_image,
                  fuse_heatmaps, gap, normalise_live, update_masks)
 from .kp import kp_layer_loss, kp_loss, total_loss
 from .geometry import Grid, cell_centres, cells_in_box, check_grid, compose, naive_grid, nearest_cells, resize, to_cells

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from . import checks
 from .boxes import EIGHT_CONNECTED, minmax
+from .geometry import nearest_cells
 
 
 def _features_and_masks(x, m):
@@ -176,6 +177,33 @@ def dilate_erasure(m_new, m_prev, r):
     size = (1,) * (erased.ndim - 2) + (2 * r + 1, 2 * r + 1)
     grown = ndimage.maximum_filter(erased, size=size, mode="constant", cval=False)
     return np.where(grown, 0.0, m_new)
+
+
+def erase_image(image, m, grid):
+    """The erasure ladder's `--mine.erase image` (ours): eq. (1) brought to the input.
+
+        x̂ = x ⊙ P + f (1 − P),    P[u, v] = min_c M_c[r(u), r(v)],
+        f = mean of x over the pixels P keeps (0 where it keeps none)
+
+    r(u) is the cell whose centre (geometry.py: stride·j + offset) is nearest pixel u, so
+    a pixel goes with the cell it is centred under. One image serves all its classes, so P
+    erases the union of every class's erased cells (the regions of the classes an image is
+    negative for are all ones, or the holes mine.hole_masks gives it). The fill f is the
+    image's own mean level: no edge of its own darker or brighter than the film around it,
+    and the same rule for the holes of negatives, so no fill is a cue to a class.
+    image (N, 1, S, S), m (N, C, H, W) binary, grid (stride, offset, size) of the maps on
+    an S-pixel input -> x̂ (N, 1, S, S).
+    """
+    image = checks.array("image", image, ndim=4)                          # (N, 1, S, S)
+    m = checks.binary("m", checks.array("m", m, ndim=4))                  # (N, C, H, W)
+    if image.shape[1] != 1 or image.shape[2] != image.shape[3] or image.shape[0] != m.shape[0]:
+        raise ValueError(f"image must be (N, 1, S, S) with m's N, got image {image.shape}, m {m.shape}")
+    r_y = nearest_cells(image.shape[2], m.shape[2], grid)                 # (S,)
+    r_x = nearest_cells(image.shape[3], m.shape[3], grid)                 # (S,)
+    p = m.min(axis=1)[:, r_y[:, None], r_x[None, :]][:, None]           # (N, 1, S, S)
+    kept = p.sum(axis=(1, 2, 3))                                          # (N,)
+    f = np.where(kept > 0, (image * p).sum(axis=(1, 2, 3)) / np.maximum(kept, 1), 0.0)
+    return image * p + f[:, None, None, None] * (1 - p)
 
 
 def fuse_heatmaps(cams, masks):

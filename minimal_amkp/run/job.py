@@ -188,18 +188,21 @@ def _save_npz(path, **arrays):
 
 
 def oracle_masks(ds, names, grid, h):
-    """M_1 of --mine.erase oracle: in each mining image's mask of a class, the cells whose centres
-    lie in one of its lesion A boxes (the positive control's lesion_kinds.csv) set to 0
-    -> uint8 (n, 8, h, h). RunError on data without lesion_kinds.csv."""
+    """M_1 of --mine.oracle: in each mining image's mask of a class, the cells whose footprint
+    (centre ± stride/2, the pixels reference.erase_image takes with the cell) meets one of its
+    lesion A boxes (the positive control's lesion_kinds.csv) set to 0, so that image erasure
+    leaves no strip of A -> uint8 (n, 8, h, h). RunError on data without lesion_kinds.csv."""
     if ds.kinds is None:
-        raise RunError("--mine.erase oracle: the data has no lesion_kinds.csv; only the positive control "
+        raise RunError("--mine.oracle: the data has no lesion_kinds.csv; only the positive control "
                        "(--data.phantom-scenario hidden-sibling) says which box is lesion A")
     index = {name: i for i, name in enumerate(names)}
     m = np.ones((len(names), len(BOX_CLASSES), h, h), np.uint8)
     for box, kind in ds.kinds:
         if kind == "A" and box.image in index:
             width, height = frame(ds, box.image)
-            m[index[box.image], box.label][R.cells_in_box((box.x, box.y, box.w, box.h), h, grid, width, height)] = 0
+            gx, gy = grid[0] / 2 * width / grid[2], grid[0] / 2 * height / grid[2]     # half a stride in the frame
+            grown = (box.x - gx, box.y - gy, box.w + 2 * gx, box.h + 2 * gy)
+            m[index[box.image], box.label][R.cells_in_box(grown, h, grid, width, height)] = 0
     return torch.from_numpy(m)
 
 
@@ -214,7 +217,7 @@ def run_job(cfg, data, resume, runner):
         model = model.to(memory_format=torch.channels_last)      # inputs follow in loop.to_device
     h = map_size(cfg.data.image_size, cfg.model.msa, len(cfg.model.blocks))
     oracle = oracle_masks(ds, mining_names, map_grid(model, cfg.data.image_size), h) \
-        if cfg.mine.erase == "oracle" else None
+        if cfg.mine.oracle else None
     phases, done = plan(cfg), (0, 0)
     fingerprint = checkpoint.fingerprint(ds, mining_names, train_names, test_names)
     state = runner.on_main(checkpoint.load, out, phases=phases, mine=cfg.mine, n_mining=len(mining_names),
