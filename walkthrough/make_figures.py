@@ -131,8 +131,8 @@ def ensure_run(run):
 
 
 def pick_cases(ds, names, labels, cams, h_f, grid):
-    """The two cases the walkthrough shows, by the rule §9 states: of the maps (mining image,
-    labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
+    """The two cases the walkthrough shows, by the rule it states (§7.2): of the maps (mining
+    image, labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
     most over those of H_1 and the one where they lose most, by the report's measure
     (run.lesions.gains: mean over the ground-truth boxes of the best IoU, H_f's minus H_1's); ties
     go to the first image, then class. -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
