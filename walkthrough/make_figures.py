@@ -59,7 +59,7 @@ def grey_rgb(image):
 def provenance(run=None):
     """The command and the commit that drew a figure, for its last line."""
     command = "python -m walkthrough.make_figures" + (f" --run {run}" if run else "")
-    return f"drawn by {command} at commit {git_commit()}"
+    return f"drawn by {command} at commit {git_commit(outputs=[os.path.join(HERE, 'figures')])}"
 
 
 def stack(pictures):

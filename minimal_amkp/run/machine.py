@@ -20,15 +20,17 @@ def device_name(device):
     return f"CPU {model} ({os.cpu_count()} cores)"
 
 
-def git_commit():
-    """The checkout's commit (+"-dirty" with uncommitted changes); $AMKP_COMMIT where the tree
-    was copied without its .git (a lent GPU machine); else "unknown"."""
+def git_commit(outputs=()):
+    """The checkout's commit (+"-dirty" with uncommitted changes outside `outputs`, the paths the
+    caller is rewriting, so that redrawing committed figures does not mark them dirty);
+    $AMKP_COMMIT where the tree was copied without its .git (a lent GPU machine); else "unknown"."""
     if os.environ.get("AMKP_COMMIT"):
         return os.environ["AMKP_COMMIT"]
     try:
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
                               text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){os.path.relpath(os.path.abspath(p), ROOT)}" for p in outputs)],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
