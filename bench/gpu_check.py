@@ -52,7 +52,7 @@ from bench import report
 from minimal_amkp.config import RunError
 from minimal_amkp.run import outdir
 from minimal_amkp.run.atomic import atomic_write_text
-from minimal_amkp.run.machine import device_name
+from minimal_amkp.run.machine import device_name, git_commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KERNEL_TESTS = ("tests/test_masked_cam.py", "tests/test_masked_gap.py", "tests/test_kp_distance.py",
@@ -218,7 +218,7 @@ WHAT = {"kernel-tests": "compiled kernel and ops property tests: pytest " + " ".
 
 
 def metadata(name, budget):
-    return dict(device=name, **report.versions(), commit=report.git_commit(), budget_s=budget,
+    return dict(device=name, **report.versions(), commit=git_commit(), budget_s=budget,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 

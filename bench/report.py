@@ -5,12 +5,12 @@ import io
 import os
 import platform
 import re
-import subprocess
 
 import numpy as np
 import torch
 
 from kernels import launch
+from minimal_amkp.run.machine import git_commit
 
 KEYS = ["device", "threads", "date", "commit", "python", "torch", "triton", "numpy", "layout", "load"]  # every row
 FIELDS = KEYS + ["op", "N", "C", "D", "H", "W", "dtype", "provider", "pass", "median_ms", "reps",
@@ -46,24 +46,6 @@ def spec_bandwidth(device_name):
 def device_slug(device_name):
     """A device name as a file or folder name: 'NVIDIA H200' -> 'nvidia-h200'."""
     return re.sub(r"[^A-Za-z0-9]+", "-", device_name).strip("-").lower()
-
-
-def git_commit():
-    """The checkout's commit (+"-dirty" with uncommitted changes); $AMKP_COMMIT where the tree
-    was copied without its .git (a lent GPU machine); else "unknown"."""
-    if os.environ.get("AMKP_COMMIT"):
-        return os.environ["AMKP_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if head.returncode != 0:
-        return "unknown"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def measured(row, nbytes, seconds, copy_bps, spec_bps, cuda):

@@ -86,7 +86,38 @@ def test_write_figures_names_and_sizes(tmp_path):
     T = mining["cams"].shape[0]
     for p in paths:
         im = Image.open(tmp_path / "out" / p)
-        assert im.size == ((T + 2) * (64 + 4) + 4, 2 * 16 + 64 + 4) and im.mode == "RGB"
+        # header and titles wrap to 64-px panels, and the colour scale sits under the strip
+        assert im.size[0] == (T + 2) * (64 + 4) + 4 and im.size[1] > 3 * 16 + 64 and im.mode == "RGB"
+
+
+def test_wrap_keeps_every_word_and_no_line_is_wider_than_asked():
+    face = F.font()
+    text = "red = ground truth, green = harvested, one colour scale for every heat panel Infiltration"
+    lines = F.wrap(text, 90, face)
+    assert len(lines) > 1 and " ".join(lines) == text
+    assert max(F.text_width(s, face) for s in lines) <= 90
+    assert "".join(F.wrap("Pneumothorax", 20, face)) == "Pneumothorax"     # a long word breaks, whole
+
+
+def test_a_long_header_wraps_instead_of_being_cut():
+    panel = np.zeros((32, 32, 3), np.uint8)
+    short = F.strip([panel, panel], ["a", "b"], "one line")
+    long = F.strip([panel, panel], ["a", "b"], "a header far wider than two panels of thirty-two pixels")
+    assert long.shape[1] == short.shape[1] and long.shape[0] >= short.shape[0] + 2 * F.LINE
+
+
+def test_compared_panels_share_one_colour_scale():
+    """H_2 at half of H_1 must look colder than H_1, not the same: one span for both."""
+    h1 = np.tile(np.linspace(0.0, 4.0, 8), (8, 1))
+    h2, m = h1 / 2, np.ones((8, 8))
+    m[:, :2] = 0
+    assert F.span([h1, h2], [None, m]) == (0.0, 4.0)
+    assert F.span([h2], [m]) == (h2[:, 2:].min(), 2.0)                   # erased cells do not count
+    image = np.full((8, 8), 0.5)
+    hot1 = F.overlay_heatmap(image, h1, scale=(0.0, 4.0))[0, -1]
+    hot2 = F.overlay_heatmap(image, h2, scale=(0.0, 4.0))[0, -1]
+    alone = F.overlay_heatmap(image, h2)[0, -1]
+    assert not np.array_equal(hot2, hot1) and np.array_equal(alone, hot1)  # alone, H_2 would look as hot
 
 
 @pytest.mark.parametrize("h, p", [(8, 64), (7, 64), (16, 50), (1, 5), (5, 5)])

@@ -2,7 +2,11 @@
 
     python -m walkthrough.make_figures [--run DIR] [--out walkthrough/figures]
 
-    phantom.png        four phantom images with their ground-truth boxes
+    architecture.png   ResNet-MSA, AM's C branches with their masks, KP between N_A and N_B
+                       (architecture.py), after the paper's Fig. 1
+    phantom.png        phantom images with their ground-truth boxes, between them all 8 box classes
+    erasure.png        eq. (1) on the run's network: the channels of X that carry most of one
+                       class's logit, before and after erasing with that map's M_1
     mining_rounds.png  H_1..H_T (eq. 7) of one mining image and class, each over the X-ray,
                        with the region erased before that round hatched
     fused.png          H_1 with the baseline's boxes beside H_f (eq. 8) with the AM boxes
@@ -10,9 +14,11 @@
     receptive_field.png  |∂X[cell] / ∂image| of one cell of the run's network on a noise image,
                        its analytic centre (reference.geometry) against the plain-resize one
 
-The mining figures read DIR/mining.npz, the heatmaps and masks of an end-to-end run
-`python -m minimal_amkp --out DIR` (tiny preset on the phantom by default). Without that file
-the run is made (or resumed) first, which takes minutes on a CPU.
+Heat panels that are compared share one colour scale, drawn under them (erasure.png: one per
+channel, shared by its two rows), and every figure's last line names the command and the commit
+that drew it. The run's figures read DIR/mining.npz, the heatmaps and masks of an end-to-end run
+`python -m minimal_amkp --out DIR` (tiny preset on the phantom by default), and DIR/model.pt.
+Without mining.npz the run is made (or resumed) first, which takes minutes on a CPU.
 """
 import argparse
 import json
@@ -22,53 +28,82 @@ import tempfile
 import zipfile
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from minimal_amkp.data import phantom
 from minimal_amkp import reference as R
+from minimal_amkp.classes import BOX_CLASSES
+from minimal_amkp.data import phantom
 from minimal_amkp.data.chestxray import read_dataset
 from minimal_amkp.data.images import frame, load_image
-from minimal_amkp.classes import BOX_CLASSES, SHORT_NAMES
-from minimal_amkp.run.cli import main as run_pipeline
-from minimal_amkp.run.job import phantom_root
-from minimal_amkp.run.settings import from_dict
-from minimal_amkp.run.figures import (BACKGROUND, GREEN, RED, TEXT, cells, draw_boxes, overlay_heatmap,
-                                  save_png, strip)
 from minimal_amkp.harvest import check_mining, harvest, read_mining, upsample
+from minimal_amkp.run.cli import main as run_pipeline
+from minimal_amkp.run.figures import (GREEN, RED, below, cells, draw_boxes, font, overlay_heatmap, save_png,
+                                      scale_bar, span, strip)
+from minimal_amkp.run.job import phantom_root
 from minimal_amkp.run.lesions import gains
+from minimal_amkp.run.machine import git_commit
 from minimal_amkp.run.report import ground_truth
+from minimal_amkp.run.settings import from_dict
+from walkthrough.architecture import architecture_figure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PANEL = 256                                               # pixels per side of every panel
 LABEL = (255, 130, 130)                                  # class names: RED, lightened to read on black
+ROW = 4                                                  # at most this many panels a row (phantom figure)
 
 
 def grey_rgb(image):
     return np.round(np.repeat(image[..., None], 3, axis=-1) * 255).astype(np.uint8)
 
 
+def provenance(run=None):
+    """The command and the commit that drew a figure, for its last line."""
+    command = "python -m walkthrough.make_figures" + (f" --run {run}" if run else "")
+    return f"drawn by {command} at commit {git_commit(outputs=[os.path.join(HERE, 'figures')])}"
+
+
+def stack(pictures):
+    """uint8 pictures one above the other, the narrower padded on the right with the background."""
+    width = max(p.shape[1] for p in pictures)
+    return np.concatenate([np.concatenate([p, np.broadcast_to(p[:1, -1:], (p.shape[0], width - p.shape[1], 3))],
+                                          axis=1) for p in pictures])
+
+
 def label_boxes(rgb, boxes, texts, color):
-    """Copy of rgb with each text on a dark tab just inside the top-left corner of its box."""
+    """Copy of rgb with each text on a dark tab at a corner of its box (top-left inside first),
+    the first place that covers no earlier tab and leaves no letter outside the image."""
     im = Image.fromarray(rgb)
     pen = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    for (x, y, _, _), text in zip(boxes, texts):
-        left, top, right, bottom = pen.textbbox((int(x) + 3, int(y) + 3), text, font=font)
-        pen.rectangle([left - 2, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
-        pen.text((int(x) + 3, int(y) + 3), text, fill=color, font=font)
+    face = font()
+    placed = []
+    for (x, y, w, h), text in zip(boxes, texts):
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=face)
+        spots = [(x + 3, y + 3), (x + 3, y + h - bottom - 3), (x + 3, y - bottom - 4), (x + 3, y + h + 3)]
+        tabs = []
+        for sx, sy in spots:
+            tx = int(min(max(sx, 2 - left), rgb.shape[1] - 3 - right))
+            ty = int(min(max(sy, 2 - top), rgb.shape[0] - 3 - bottom))
+            tabs.append((tx + left - 2, ty + top - 1, tx + right + 1, ty + bottom + 1, tx, ty))
+        free = [t for t in tabs if not any(t[0] < q[2] and q[0] < t[2] and t[1] < q[3] and q[1] < t[3] for q in placed)]
+        tab = (free or tabs)[0]
+        placed.append(tab)
+        pen.rectangle(tab[:4], fill=(0, 0, 0))
+        pen.text(tab[4:], text, fill=color, font=face)
     return np.asarray(im)
 
 
-def phantom_figure(n_images=120, seed=0, panels=4):
-    """Phantom images covering as many box classes as `panels` images can (greedy, by name)."""
+def phantom_figure(n_images=300, seed=0):
+    """Phantom images that between them show every box class (greedy: each next image adds the most
+    classes not yet shown, ties by name), with their ground-truth boxes and class names."""
     with tempfile.TemporaryDirectory() as tmp:
         phantom.generate(tmp, n_images=n_images, size=PANEL, seed=seed)
         ds = read_dataset(tmp)
         names, seen, picked = sorted(ds.boxes), set(), []
-        for _ in range(panels):
+        while len(seen) < len(BOX_CLASSES):
             new = [len({b.label for b in ds.boxes[n]} - seen) for n in names]
-            k = int(np.argmax(new))
-            picked.append(names.pop(k))
+            if max(new, default=0) == 0:
+                break
+            picked.append(names.pop(int(np.argmax(new))))
             seen |= {b.label for b in ds.boxes[picked[-1]]}
         shown = []
         for name in picked:
@@ -76,16 +111,13 @@ def phantom_figure(n_images=120, seed=0, panels=4):
             image, scaled = load_image(ds.image_path(name), PANEL,
                                        np.array([(b.x, b.y, b.w, b.h) for b in boxes]))
             rgb = draw_boxes(grey_rgb(image), scaled, RED)
-            shown.append(label_boxes(rgb, scaled, [SHORT_NAMES[b.label] for b in boxes], LABEL))
-    return strip(shown, picked, f"phantom ChestX-ray14 (seed {seed}): ground-truth boxes and "
-                                "their classes in red")
-
-
-def below(text, rgb, line=16):
-    """rgb with one more line of text under it, on the strip's background."""
-    im = Image.new("RGB", (rgb.shape[1], line + 4), BACKGROUND)
-    ImageDraw.Draw(im).text((4, 2), text, fill=TEXT, font=ImageFont.load_default())
-    return np.concatenate([rgb, np.asarray(im)])
+            shown.append(label_boxes(rgb, scaled, [BOX_CLASSES[b.label] for b in boxes], LABEL))
+    header = (f"phantom ChestX-ray14 (seed {seed}): ground-truth boxes and their classes in red; "
+              f"{len(seen)} of the {len(BOX_CLASSES)} box classes in {len(picked)} images")
+    per_row = -(-len(shown) // -(-len(shown) // ROW))                      # rows as even as they can be
+    rows = [strip(shown[k:k + per_row], picked[k:k + per_row], header if k == 0 else "")
+            for k in range(0, len(shown), per_row)]
+    return below(stack(rows), provenance())
 
 
 def ensure_run(run):
@@ -99,8 +131,8 @@ def ensure_run(run):
 
 
 def pick_cases(ds, names, labels, cams, h_f, grid):
-    """The two cases the walkthrough shows, by the rule §9 states: of the maps (mining image,
-    labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
+    """The two cases the walkthrough shows, by the rule it states (§7.2): of the maps (mining
+    image, labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
     most over those of H_1 and the one where they lose most, by the report's measure
     (run.lesions.gains: mean over the ground-truth boxes of the best IoU, H_f's minus H_1's); ties
     go to the first image, then class. -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
@@ -147,27 +179,22 @@ def load_run(run):
     return names, labels, cams.astype(np.float64), masks.astype(np.float64), ds, grid
 
 
-def mining_figures(run):
-    """[(mining_rounds, fused)] uint8 pictures of the two cases (pick_cases) of the run in `run`."""
-    names, labels, cams, masks, ds, grid = load_run(run)                                   # (T, n, 8, h, w)
-    h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
-    summary = mining_summary(labels, cams, masks, h_f)
-    print(f"make_figures: {run}: {summary}")
-    return [case_figures(ds, grid, names, cams, masks, h_f, summary, *case)
-            for case in pick_cases(ds, names, labels, cams, h_f, grid)]
-
-
-def case_figures(ds, grid, names, cams, masks, h_f, summary, i, c, gain, gt, base, am):
-    """(mining_rounds, fused) of map (i, c): the rounds over the X-ray, then H_1 and H_f with their boxes."""
+def case_figures(ds, grid, names, cams, masks, h_f, summary, run, i, c, gain, gt, base, am):
+    """(mining_rounds, fused) of map (i, c): the rounds over the X-ray, then H_1 and H_f with their
+    boxes, every heat panel of both on one colour scale (the range of H_1..H_T's live cells and H_f)."""
     image, scaled = load_image(ds.image_path(names[i]), PANEL, np.concatenate([gt, base, am]))
     gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(base)]))
     title = (f"{names[i]}  {BOX_CLASSES[c]}  ({masks.shape[-1]}x{masks.shape[-2]} feature map)  "
              f"best-box IoU Hf - H1 {gain:+.2f}")
     print(f"make_figures: {names[i]} {BOX_CLASSES[c]}: {len(gt)} ground-truth boxes, gain {gain:+.3f}")
+    scale = span([*cams[:, i, c], h_f[i, c]], [*masks[:, i, c], None])
 
     def heat(h, m=None):
         return draw_boxes(overlay_heatmap(image, upsample(h, PANEL, PANEL, grid),
-                                          None if m is None else cells(m, PANEL, grid)), gt_p, RED)
+                                          None if m is None else cells(m, PANEL, grid), scale=scale), gt_p, RED)
+
+    def finish(picture, what):
+        return below(scale_bar(picture, scale, f"one colour scale for {what}"), provenance(run))
 
     rounds = [draw_boxes(grey_rgb(image), gt_p, RED)]
     titles = ["X-ray, ground truth"]
@@ -175,9 +202,52 @@ def case_figures(ds, grid, names, cams, masks, h_f, summary, i, c, gain, gt, bas
         rounds.append(heat(cams[t, i, c], masks[t, i, c]))
         titles.append(f"H{t + 1}, under M{t}" + (" (all ones)" if t == 0 else ", hatched = erased"))
     fused = [draw_boxes(heat(cams[0, i, c]), base_p, GREEN), draw_boxes(heat(h_f[i, c]), am_p, GREEN)]
-    return (below(summary, strip(rounds, titles, f"attention mining rounds: {title}")),
-            strip(fused, ["H1, baseline boxes", "Hf (eq. 8), AM boxes"],
-                  f"{title}  red = ground truth, green = harvested"))
+    rounds_title = f"attention mining rounds: {title}; red = ground truth"
+    return (finish(below(strip(rounds, titles, rounds_title), summary), "every heat panel, and fused.png's"),
+            finish(strip(fused, ["H1, baseline boxes", "Hf (eq. 8), AM boxes"],
+                         f"{title}; red = ground truth, green = harvested"), "both panels, and mining_rounds.png's"))
+
+
+def load_model(run):
+    """(config, the run's final network in eval mode) from DIR/config.json and DIR/model.pt."""
+    import torch
+
+    from minimal_amkp.model import ResNetMSA
+    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
+        cfg = from_dict(json.load(f))
+    model = ResNetMSA(cfg.model)
+    model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
+    return cfg, model.eval()
+
+
+def erasure_figure(run, ds, grid, names, masks, i, c, channels=3, panel=200):
+    """Eq. (1) on one map: the `channels` channels d of X with the largest share w_c,d · mean(X_d)
+    of class c's logit, over image i, and the same channels times M_1 (the mask the first round
+    left); each channel on one colour scale, its range before erasing."""
+    import torch
+
+    cfg, model = load_model(run)
+    size = cfg.data.image_size
+    with torch.no_grad():
+        x = model(torch.from_numpy(load_image(ds.image_path(names[i]), size)[0])[None, None]).x[0]
+    x, w = x.double().numpy(), model.fc.weight[c].detach().double().numpy()         # (D, h, w), (D,)
+    share = w * x.mean((-2, -1))                                                    # sums to z_c - b_c
+    top = np.argsort(-share)[:channels]
+    t = min(1, masks.shape[0] - 1)
+    m, image = masks[t, i, c], load_image(ds.image_path(names[i]), panel)[0]
+    erased = cells(m, panel, grid)
+    row_x, row_hat = [grey_rgb(image)], [overlay_heatmap(image, np.zeros_like(image), erased, alpha=0.0)]
+    titles_x, titles_hat = ["X-ray"], [f"M{t}: hatched cells are 0"]
+    for d in top:
+        scale = span([x[d]])
+        row_x.append(overlay_heatmap(image, upsample(x[d], panel, panel, grid), scale=scale))
+        row_hat.append(overlay_heatmap(image, upsample(x[d] * m, panel, panel, grid), erased, scale=scale))
+        titles_x.append(f"X, channel {d}: {share[d] / share.sum():.0%} of z_c - b_c, range {scale[0]:.2g}..{scale[1]:.2g}")
+        titles_hat.append(f"X-hat = X * M{t}, channel {d}")
+    header = (f"eq. (1) on {names[i]}, {BOX_CLASSES[c]} (c = {c}): the {channels} channels of X (of {len(w)}) "
+              f"that carry most of the logit, before and after erasing with M{t} of the run's mining; "
+              f"X of the run's final network; each channel one colour scale (blue = its minimum, red = its maximum)")
+    return below(stack([strip(row_x, titles_x, header), strip(row_hat, titles_hat)]), provenance(run))
 
 
 def cross(rgb, x, y, color, arm=6):
@@ -196,13 +266,10 @@ def receptive_field_figure(run, images=16, seed=0):
     a plain resize gives it (white); the whole input, then a zoom on the cell."""
     import torch
 
-    from minimal_amkp.model import ResNetMSA, map_grid, map_size
-    with open(os.path.join(run, "config.json"), encoding="utf-8") as f:
-        cfg = from_dict(json.load(f))
-    model = ResNetMSA(cfg.model)
-    model.load_state_dict(torch.load(os.path.join(run, "model.pt"), map_location="cpu", weights_only=True))
+    from minimal_amkp.model import map_grid, map_size
+    cfg, model = load_model(run)
     size = cfg.data.image_size
-    grid, h = map_grid(model.eval(), size), map_size(size, cfg.model.msa, len(cfg.model.blocks))
+    grid, h = map_grid(model, size), map_size(size, cfg.model.msa, len(cfg.model.blocks))
     image = torch.rand(images, 1, size, size, generator=torch.Generator().manual_seed(seed), requires_grad=True)
     r = c = h // 2
     x3, x4 = model.backbone(image)
@@ -225,7 +292,8 @@ def receptive_field_figure(run, images=16, seed=0):
         panels.append(cross(rgb, (gx - lo) * scale, (gy - lo) * scale, (255, 255, 255), arm=1))
     title = (f"cell ({r}, {c}) of X: green ({cx:g}, {cy:g}) receptive-field centre, white ({gx:.1f}, {gy:.1f}) "
              f"centroid, red ({naive:g}, {naive:g}) plain resize")
-    return strip(panels, [f"the {size}-px input", f"zoom x{PANEL / (2 * half):.3g}"], title)
+    return scale_bar(strip(panels, [f"the {size}-px input", f"zoom x{PANEL / (2 * half):.3g}"], title),
+                     (0.0, float(mass.max())), "|gradient|, one colour scale for both panels")
 
 
 def main(argv=None):
@@ -234,14 +302,21 @@ def main(argv=None):
                    help="folder of an end-to-end run (made if it holds no mining.npz)")
     p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
     args = p.parse_args(argv)
-    (rounds, fused), (rounds_loss, fused_loss) = mining_figures(args.run)
-    save_png(os.path.join(args.out, "phantom.png"), phantom_figure())
-    save_png(os.path.join(args.out, "receptive_field.png"), receptive_field_figure(args.run))
-    for name, picture in (("mining_rounds", rounds), ("fused", fused), ("mining_rounds_loss", rounds_loss),
-                          ("fused_loss", fused_loss)):
+    names, labels, cams, masks, ds, grid = load_run(args.run)                          # (T, n, 8, h, w)
+    h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
+    summary = mining_summary(labels, cams, masks, h_f)
+    print(f"make_figures: {args.run}: {summary}")
+    cases = pick_cases(ds, names, labels, cams, h_f, grid)
+    (rounds, fused), (rounds_loss, fused_loss) = [
+        case_figures(ds, grid, names, cams, masks, h_f, summary, args.run, *case) for case in cases]
+    pictures = {"architecture": below(architecture_figure(), provenance()),
+                "phantom": phantom_figure(),
+                "erasure": erasure_figure(args.run, ds, grid, names, masks, *cases[0][:2]),
+                "mining_rounds": rounds, "fused": fused, "mining_rounds_loss": rounds_loss, "fused_loss": fused_loss,
+                "receptive_field": below(receptive_field_figure(args.run), provenance(args.run))}
+    for name, picture in pictures.items():
         save_png(os.path.join(args.out, f"{name}.png"), picture)
-    print(f"wrote phantom.png, receptive_field.png, mining_rounds.png, fused.png, mining_rounds_loss.png, "
-          f"fused_loss.png to {args.out}")
+    print(f"wrote {', '.join(f'{name}.png' for name in pictures)} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Read the NIH ChestX-ray14 release (and the phantom, which copies its format exactly).
 
-Files under a dataset root (see /work/shared/chestxray14.md for the facts):
+Files under a dataset root (docs/chestxray14.md has the facts):
     Data_Entry_2017[_v2020].csv        one row per image, labels `A|B` or `No Finding`
     BBox_List_2017.csv                 one row per box (x, y, w, h), 1024-px image frame
     train_val_list.txt, test_list.txt  one image name per line

@@ -1,9 +1,10 @@
 """The paper's Tables 1-3 beside the study's, and one verdict per claim (study/reproduce.py runs it).
 
-The paper's numbers are transcribed from ../shared/paper.txt (columns in BOX_CLASSES order:
-AT, CM, Effusion (PE), Infiltration, Mass, Nodule, Pneumonia, Pneumothorax). The study's cells
-are means ± standard deviations over seeds. A claim compares two methods paired by seed: the
-per-seed difference d of the claim's statistic, its mean and 95% t-interval over the seeds.
+The paper's numbers are transcribed from its Tables 1-3 (Cai et al., MICCAI 2018; columns in
+BOX_CLASSES order: AT, CM, Effusion (PE), Infiltration, Mass, Nodule, Pneumonia, Pneumothorax).
+The study's cells are means ± standard deviations over seeds. A claim compares two methods
+paired by seed: the per-seed difference d of the claim's statistic, its mean and 95% t-interval
+over the seeds.
     holds           the interval lies above 0
     does not hold   the interval lies below 0
     within noise    the interval contains 0 (or there is one seed only)

@@ -17,7 +17,7 @@ import numpy as np
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.reference import iou
 
-# Source: /work/shared/chestxray14.md, "Box sizes in the release" and "Where the boxes sit",
+# Source: docs/chestxray14.md, "Box sizes in the release" and "Where the boxes sit",
 # computed from the 984 boxes of the published BBox_List_2017.csv (1024-px frame).
 REAL_MEDIAN_SIDE = {"Atelectasis": 141, "Cardiomegaly": 424, "Effusion": 242, "Infiltration": 244,
                     "Mass": 124, "Nodule": 69, "Pneumonia": 246, "Pneumothorax": 195}   # of 1024
