@@ -13,6 +13,8 @@
     mining_rounds_loss.png, fused_loss.png   the same for the second case (pick_cases)
     receptive_field.png  |∂X[cell] / ∂image| of one cell of the run's network on a noise image,
                        its analytic centre (reference.geometry) against the plain-resize one
+    control_rounds.png, control_fused.png   with --control DIR, a finished run on the positive
+                       control: the map whose lesion B boxes gain most from H_1 to H_f, B boxed
 
 Heat panels that are compared share one colour scale, drawn under them (erasure.png: one per
 channel, shared by its two rows), and every figure's last line names the command and the commit
@@ -56,9 +58,9 @@ def grey_rgb(image):
     return np.round(np.repeat(image[..., None], 3, axis=-1) * 255).astype(np.uint8)
 
 
-def provenance(run=None):
+def provenance(run=None, option="--run"):
     """The command and the commit that drew a figure, for its last line."""
-    command = "python -m walkthrough.make_figures" + (f" --run {run}" if run else "")
+    command = "python -m walkthrough.make_figures" + (f" {option} {run}" if run else "")
     return f"drawn by {command} at commit {git_commit(outputs=[os.path.join(HERE, 'figures')])}"
 
 
@@ -130,17 +132,20 @@ def ensure_run(run):
     return path
 
 
-def pick_cases(ds, names, labels, cams, h_f, grid):
+def pick_cases(ds, names, labels, cams, h_f, grid, boxes=None):
     """The two cases the walkthrough shows, by the rule it states (§7.2): of the maps (mining
     image, labelled box class) with two or more ground-truth boxes, the one where the boxes of H_f gain
     most over those of H_1 and the one where they lose most, by the report's measure
     (run.lesions.gains: mean over the ground-truth boxes of the best IoU, H_f's minus H_1's); ties
-    go to the first image, then class. -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
+    go to the first image, then class. boxes {image: [BBox]}: the ground truth scored (default
+    ds.boxes; with others, every map with one of them counts).
+    -> [(i, c, gain, gt (g, 4), H_1's boxes, H_f's boxes)]."""
     frames = [frame(ds, n) for n in names]
     base = harvest(cams[0], names, labels, frames, grid)
     am = harvest(h_f, names, labels, frames, grid)
-    gt = ground_truth(names, ds.boxes)
-    multi = [(g, i, c) for (c, i), g in gains(base, am, names, gt).items() if len(gt[c][names[i]]) >= 2]
+    gt = ground_truth(names, ds.boxes if boxes is None else boxes)
+    least = 2 if boxes is None else 1
+    multi = [(g, i, c) for (c, i), g in gains(base, am, names, gt).items() if len(gt[c][names[i]]) >= least]
     if not multi:
         sys.exit("make_figures: no mining image has two or more ground-truth boxes of a class it is labelled with")
     picks = [min(multi, key=lambda m: (-m[0], m[1], m[2])), min(multi, key=lambda m: (m[0], m[1], m[2]))]
@@ -179,9 +184,11 @@ def load_run(run):
     return names, labels, cams.astype(np.float64), masks.astype(np.float64), ds, grid
 
 
-def case_figures(ds, grid, names, cams, masks, h_f, summary, run, i, c, gain, gt, base, am):
+def case_figures(ds, grid, names, cams, masks, h_f, summary, run, i, c, gain, gt, base, am, truth="ground truth",
+                 option="--run"):
     """(mining_rounds, fused) of map (i, c): the rounds over the X-ray, then H_1 and H_f with their
-    boxes, every heat panel of both on one colour scale (the range of H_1..H_T's live cells and H_f)."""
+    boxes, every heat panel of both on one colour scale (the range of H_1..H_T's live cells and H_f);
+    truth: what the red boxes gt are; option: make_figures' option that named the run."""
     image, scaled = load_image(ds.image_path(names[i]), PANEL, np.concatenate([gt, base, am]))
     gt_p, base_p, am_p = np.split(scaled, np.cumsum([len(gt), len(base)]))
     title = (f"{names[i]}  {BOX_CLASSES[c]}  ({masks.shape[-1]}x{masks.shape[-2]} feature map)  "
@@ -194,18 +201,35 @@ def case_figures(ds, grid, names, cams, masks, h_f, summary, run, i, c, gain, gt
                                           None if m is None else cells(m, PANEL, grid), scale=scale), gt_p, RED)
 
     def finish(picture, what):
-        return below(scale_bar(picture, scale, f"one colour scale for {what}"), provenance(run))
+        return below(scale_bar(picture, scale, f"one colour scale for {what}"), provenance(run, option))
 
     rounds = [draw_boxes(grey_rgb(image), gt_p, RED)]
-    titles = ["X-ray, ground truth"]
+    titles = [f"X-ray, {truth}"]
     for t in range(cams.shape[0]):
         rounds.append(heat(cams[t, i, c], masks[t, i, c]))
         titles.append(f"H{t + 1}, under M{t}" + (" (all ones)" if t == 0 else ", hatched = erased"))
     fused = [draw_boxes(heat(cams[0, i, c]), base_p, GREEN), draw_boxes(heat(h_f[i, c]), am_p, GREEN)]
-    rounds_title = f"attention mining rounds: {title}; red = ground truth"
+    rounds_title = f"attention mining rounds: {title}; red = {truth}"
     return (finish(below(strip(rounds, titles, rounds_title), summary), "every heat panel, and fused.png's"),
             finish(strip(fused, ["H1, baseline boxes", "Hf (eq. 8), AM boxes"],
-                         f"{title}; red = ground truth, green = harvested"), "both panels, and mining_rounds.png's"))
+                         f"{title}; red = {truth}, green = harvested"), "both panels, and mining_rounds.png's"))
+
+
+def control_figures(run):
+    """{control_rounds, control_fused}: case_figures of the map of the positive-control run `run`
+    whose lesion B boxes gain most from H_1's boxes to H_f's, B boxed in red."""
+    names, labels, cams, masks, ds, grid = load_run(run)
+    if ds.kinds is None:
+        sys.exit(f"make_figures: --control {run}: its data has no lesion_kinds.csv (not the positive control)")
+    h_f = R.fuse_heatmaps(list(cams), list(masks))
+    b_boxes = {}
+    for box, kind in ds.kinds:
+        if kind == "B":
+            b_boxes.setdefault(box.image, []).append(box)
+    case = pick_cases(ds, names, labels, cams, h_f, grid, b_boxes)[0]
+    rounds, fused = case_figures(ds, grid, names, cams, masks, h_f, mining_summary(labels, cams, masks, h_f),
+                                 run, *case, truth="lesion B", option="--control")
+    return {"control_rounds": rounds, "control_fused": fused}
 
 
 def load_model(run):
@@ -301,6 +325,7 @@ def main(argv=None):
     p.add_argument("--run", default=os.path.join("runs", "walkthrough"),
                    help="folder of an end-to-end run (made if it holds no mining.npz)")
     p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
+    p.add_argument("--control", help="a finished run on --data.phantom-scenario hidden-sibling: draw control_*.png")
     args = p.parse_args(argv)
     names, labels, cams, masks, ds, grid = load_run(args.run)                          # (T, n, 8, h, w)
     h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
@@ -314,6 +339,8 @@ def main(argv=None):
                 "erasure": erasure_figure(args.run, ds, grid, names, masks, *cases[0][:2]),
                 "mining_rounds": rounds, "fused": fused, "mining_rounds_loss": rounds_loss, "fused_loss": fused_loss,
                 "receptive_field": below(receptive_field_figure(args.run), provenance(args.run))}
+    if args.control:
+        pictures.update(control_figures(args.control))
     for name, picture in pictures.items():
         save_png(os.path.join(args.out, f"{name}.png"), picture)
     print(f"wrote {', '.join(f'{name}.png' for name in pictures)} to {args.out}")
