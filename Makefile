@@ -47,4 +47,4 @@ clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
 figures: $(STAMP)
-	$(PY) -m walkthrough.make_figures
+	$(PY) -m walkthrough.make_figures --control runs/control

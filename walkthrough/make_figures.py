@@ -13,8 +13,9 @@
     mining_rounds_loss.png, fused_loss.png   the same for the second case (pick_cases)
     receptive_field.png  |∂X[cell] / ∂image| of one cell of the run's network on a noise image,
                        its analytic centre (reference.geometry) against the plain-resize one
-    control_rounds.png, control_fused.png   with --control DIR, a finished run on the positive
-                       control: the map whose lesion B boxes gain most from H_1 to H_f, B boxed
+    control_rounds.png, control_fused.png   with --control DIR, a run on the positive control
+                       (made if missing: CONTROL_RUN, then a fork of it with CONTROL_MINING):
+                       the map whose lesion B boxes gain most from H_1 to H_f, B boxed
 
 Heat panels that are compared share one colour scale, drawn under them (erasure.png: one per
 channel, shared by its two rows), and every figure's last line names the command and the commit
@@ -215,9 +216,29 @@ def case_figures(ds, grid, names, cams, masks, h_f, summary, run, i, c, gain, gt
                          f"{title}; red = {truth}, green = harvested"), "both panels, and mining_rounds.png's"))
 
 
+# The control's figures: seed 1's classifier (the seed whose H_1 meets the control's gate 2),
+# mined with A erased by the oracle in pixels, negatives given matched holes (walkthrough §7.5).
+CONTROL_RUN = ["--data.phantom-scenario", "hidden-sibling", "--seed", "1"]
+CONTROL_MINING = ["--mine.erase", "image", "--mine.oracle", "true", "--mine.holes", "matched"]
+
+
+def ensure_control(run):
+    """DIR/mining.npz of the control figures' run, made first if missing: the control run into
+    DIR-classifier, then `study.fork` of its classifier into DIR with CONTROL_MINING."""
+    from minimal_amkp.study import fork
+    if not os.path.exists(os.path.join(run, "mining.npz")):
+        source = f"{os.path.normpath(run)}-classifier"
+        if not os.path.exists(os.path.join(source, "report.json")):
+            resume = ["--resume"] if os.path.exists(os.path.join(source, "config.json")) else []
+            if run_pipeline(["--out", source, *CONTROL_RUN, *resume]) != 0:
+                sys.exit(f"make_figures: the control run into {source} failed (see above)")
+        fork.main([source, run, *CONTROL_MINING])
+
+
 def control_figures(run):
     """{control_rounds, control_fused}: case_figures of the map of the positive-control run `run`
     whose lesion B boxes gain most from H_1's boxes to H_f's, B boxed in red."""
+    ensure_control(run)
     names, labels, cams, masks, ds, grid = load_run(run)
     if ds.kinds is None:
         sys.exit(f"make_figures: --control {run}: its data has no lesion_kinds.csv (not the positive control)")
@@ -325,7 +346,8 @@ def main(argv=None):
     p.add_argument("--run", default=os.path.join("runs", "walkthrough"),
                    help="folder of an end-to-end run (made if it holds no mining.npz)")
     p.add_argument("--out", default=os.path.join(HERE, "figures"), help="where the PNGs go")
-    p.add_argument("--control", help="a finished run on --data.phantom-scenario hidden-sibling: draw control_*.png")
+    p.add_argument("--control", help="a run on the positive control (made if missing, about 10 min on a "
+                                     "2-core CPU): draw control_*.png")
     args = p.parse_args(argv)
     names, labels, cams, masks, ds, grid = load_run(args.run)                          # (T, n, 8, h, w)
     h_f = R.fuse_heatmaps(list(cams), list(masks))                                  # (n, 8, h, w)
