@@ -230,9 +230,10 @@ def run_job(cfg, data, resume, runner):
             f"round {state['mining']['round']} of attention mining" if state["mining"] else "training"
         say(f"resuming {out} after {where}")
     size, workers, preload = cfg.data.image_size, cfg.data.workers, cfg.data.preload
-    train = Images(ds, train_names, size, preload, workers, "reading train_val images", runner.progress)
-    mining = Images(ds, mining_names, size, preload, workers, "reading mining images", runner.progress)
-    test = Images(ds, test_names, size, preload, workers, "reading test images", runner.progress)
+    read = dict(progress=runner.progress, device=device)        # preloaded sets are held on the device
+    train = Images(ds, train_names, size, preload, workers, "reading train_val images", **read)
+    mining = Images(ds, mining_names, size, preload, workers, "reading mining images", **read)
+    test = Images(ds, test_names, size, preload, workers, "reading test images", **read)
     for p, (phase, epochs) in enumerate(phases):
         if p < done[0]:
             continue
