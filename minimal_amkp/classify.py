@@ -48,7 +48,8 @@ def shift(images, rng, train, whole, runner):
     region fills (before mining only).
 
     `images` are this process's shard of a global minibatch of `whole` images: the draws are
-    made for the whole minibatch, so they do not depend on the number of processes.
+    made for the whole minibatch, so they do not depend on the number of processes. They are
+    drawn on the host; the pixels move on the images' device, the whole shard in a few ops.
     """
     s, zoom = int(round(train.shift * images.shape[-1])), train.zoom
     if s == 0 and zoom == 0:
@@ -56,17 +57,33 @@ def shift(images, rng, train, whole, runner):
     dy, dx = rng.integers(0, 2 * s + 1, size=(2, whole)) - s
     scale = rng.uniform(1 - zoom, 1 + zoom, whole) if zoom > 0 else np.ones(whole)
     dy, dx, scale = runner.shard(dy), runner.shard(dx), runner.shard(scale)
-    if zoom == 0:                # whole-pixel shifts: a crop of the replicate-padded image, exact
-        padded = F.pad(images, (s, s, s, s), mode="replicate")
-        size = images.shape[-1]
-        return torch.stack([p[:, s - y:s - y + size, s - x:s - x + size] for p, y, x in zip(padded, dy, dx)])
-    # Output pixel u samples input (u − c)/scale + c − d, in grid_sample's [-1, 1] frame.
-    theta = torch.zeros(len(images), 2, 3, dtype=images.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = torch.as_tensor(1 / scale, dtype=images.dtype)
-    theta[:, 0, 2] = torch.as_tensor(-2 * dx / images.shape[-1], dtype=images.dtype)
-    theta[:, 1, 2] = torch.as_tensor(-2 * dy / images.shape[-2], dtype=images.dtype)
+    if zoom == 0:
+        return translate(images, dy, dx)
+    # Output pixel u samples input (u − c)/scale + c − d, in grid_sample's [-1, 1] frame; theta is
+    # built on the host and copied once, so the grid is made on the images' device.
+    theta = np.zeros((len(images), 2, 3))
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, 0, 2] = -2 * dx / images.shape[-1]
+    theta[:, 1, 2] = -2 * dy / images.shape[-2]
+    theta = torch.as_tensor(theta, dtype=images.dtype).to(images.device, non_blocking=True)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def translate(images, dy, dx):
+    """Image i (n, C, H, W) moved down dy[i] and right dx[i] whole pixels, edges replicated.
+
+    Its crop of the replicate-padded image, taken for the whole batch at once: the windows of
+    every offset are a view (unfold), and one indexing op on the images' device copies each
+    image's own window.
+    """
+    dy, dx = np.asarray(dy, np.int64), np.asarray(dx, np.int64)
+    s = int(np.abs(np.concatenate([dy, dx])).max(initial=0))
+    n, _, h, w = images.shape
+    padded = F.pad(images, (s, s, s, s), mode="replicate")
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)                      # (n, C, 2s + 1, 2s + 1, H, W)
+    at = [torch.as_tensor(a).to(images.device, non_blocking=True) for a in (np.arange(n), s - dy, s - dx)]
+    return windows[at[0], :, at[1], at[2]]
 
 
 def lr_at(lr, step, total):
@@ -109,7 +126,7 @@ def classification_epoch(model, opt, phase, images, cfg, epoch, runner):
     def loss_fn(idx):
         local = runner.shard(idx)                          # this process's slice of the minibatch
         x, y = images.batch(local)
-        x, y = to_device(shift(x, rng, cfg.train, len(idx), runner), device), y.to(device)
+        x, y = shift(to_device(x, device), rng, cfg.train, len(idx), runner), y.to(device)
         with autocast(device):
             logits = net(x) if phase is Phase.BASE else net(x).logits
         return runner.share(len(local), len(idx)) * ops.classification_loss(logits, y)

@@ -13,6 +13,8 @@ import torch
 
 from minimal_amkp.config import RunError
 
+LOSS_READS = 16                  # training steps between reads of their losses (run_epoch)
+
 
 def autocast(device):
     """bf16 autocast on CUDA; nothing on CPU, where float32 keeps runs reproducible."""
@@ -46,8 +48,21 @@ def optimizer(params, lr, train):
 
 def run_epoch(model, opt, batches, loss_fn, lr_of, label, runner):
     """One pass over `batches` (each (n_images, payload)) at rate lr_of(step in the epoch):
-    loss_fn(payload) -> loss; returns the mean of the global minibatches' losses."""
-    progress, losses = runner.progress(label, len(batches)), []
+    loss_fn(payload) -> loss; returns the mean of the global minibatches' losses.
+
+    The losses are read (runner.average) LOSS_READS steps at a time: on CUDA a read waits for
+    the device, so the host queues the steps of a window instead of waiting at every one. A
+    non-finite loss still ends the epoch within LOSS_READS steps."""
+    progress, pending, losses = runner.progress(label, len(batches)), [], []
+
+    def read():
+        for n_images, loss in pending:
+            losses.append(runner.average(loss))
+            if not math.isfinite(losses[-1]):
+                raise RunError(f"{label}: the loss became {losses[-1]}; lower the learning rate")
+            progress.update(len(losses), n_images, losses[-1])
+        pending.clear()
+
     for i, (n_images, payload) in enumerate(batches):
         for group in opt.param_groups:
             group["lr"] = lr_of(i)
@@ -56,10 +71,10 @@ def run_epoch(model, opt, batches, loss_fn, lr_of, label, runner):
         loss.backward()
         opt.step()
         model.constrain()
-        losses.append(runner.average(loss))
-        if not math.isfinite(losses[-1]):
-            raise RunError(f"{label}: the loss became {losses[-1]}; lower the learning rate")
-        progress.update(i + 1, n_images, losses[-1])
+        pending.append((n_images, loss.detach()))
+        if len(pending) == LOSS_READS:
+            read()
+    read()
     progress.close()
     return float(np.mean(losses)) if losses else float("nan")
 
@@ -68,7 +83,7 @@ def run_epoch(model, opt, batches, loss_fn, lr_of, label, runner):
 def infer(model, images, batch_size, label, rows, fn, runner):
     """fn(x on runner.device, positions) in eval mode and autocast over the images at positions
     `rows`, batch by batch with a progress line -> the float32 CPU outputs, concatenated (None
-    for no rows)."""
+    for no rows). The outputs stay on the device until the last batch: one copy, one wait."""
     model.eval()
     rows, device = np.asarray(rows), runner.device
     out, progress = [], runner.progress(label, len(rows))
@@ -76,10 +91,10 @@ def infer(model, images, batch_size, label, rows, fn, runner):
         idx = rows[start:start + batch_size]
         x, _ = images.batch(idx)
         with autocast(device):
-            out.append(fn(to_device(x, device), idx).float().cpu())
+            out.append(fn(to_device(x, device), idx).float())
         progress.update(start + len(idx), len(idx))
     progress.close()
-    return torch.cat(out) if out else None
+    return torch.cat(out).cpu() if out else None
 
 
 def predict(model, images, batch_size, runner, label="scoring"):

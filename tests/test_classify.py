@@ -5,7 +5,7 @@ import torch
 
 from minimal_amkp.config import ModelConfig, preset
 from minimal_amkp.model import ResNetMSA
-from minimal_amkp.classify import Phase, classification_epoch, lr_at, set_phase
+from minimal_amkp.classify import Phase, classification_epoch, lr_at, set_phase, shift, translate
 from minimal_amkp.loop import chunks, optimizer, order, predict
 from minimal_amkp.runner import Runner
 
@@ -103,3 +103,65 @@ def test_classification_training_learns_a_visible_label(msa):
     assert scores.shape == (48, 14) and scores.min() >= 0 and scores.max() <= 1
     bce = lambda p: -np.mean(data.labels.numpy() * np.log(p + 1e-7) + (1 - data.labels.numpy()) * np.log(1 - p + 1e-7))
     assert bce(scores) < bce(before)
+
+
+# ---------------------------------------------------------------- augmentation
+
+def crops(images, dy, dx, s):
+    """The per-image crops of the replicate-padded images that shift made before it was batched."""
+    padded = torch.nn.functional.pad(images, (s, s, s, s), mode="replicate")
+    h, w = images.shape[-2:]
+    return torch.stack([p[:, s - y:s - y + h, s - x:s - x + w] for p, y, x in zip(padded, dy, dx)])
+
+
+def zoomed(images, dy, dx, scale):
+    """shift's zoom path as it built theta on the host in torch, before theta moved to numpy."""
+    theta = torch.zeros(len(images), 2, 3, dtype=images.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = torch.as_tensor(1 / scale, dtype=images.dtype)
+    theta[:, 0, 2] = torch.as_tensor(-2 * dx / images.shape[-1], dtype=images.dtype)
+    theta[:, 1, 2] = torch.as_tensor(-2 * dy / images.shape[-2], dtype=images.dtype)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Rank(Runner):
+    def __init__(self, rank, world):
+        super().__init__()
+        self.rank, self.world = rank, world
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (7, 7), (32, 32), (33, 33), (5, 9)])
+@pytest.mark.parametrize("s", [0, 1, 3, 8])
+def test_translate_gives_exactly_the_crops_of_the_padded_images(h, w, s):
+    rng = np.random.default_rng([h, w, s])
+    images = torch.from_numpy(rng.random((6, 2, h, w), np.float32))
+    dy, dx = rng.integers(-s, s + 1, size=(2, 6))
+    dy[0] = dx[0] = s                                       # the largest shifts each way are drawn too
+    dy[1] = dx[1] = -s
+    assert torch.equal(translate(images, dy, dx), crops(images, dy, dx, s))
+    assert torch.equal(translate(images, np.zeros(6, int), np.zeros(6, int)), images)
+
+
+@pytest.mark.parametrize("size", [31, 64])
+def test_shift_draws_whole_pixel_shifts_and_zooms_as_before(size):
+    train = preset("tiny").train
+    images = torch.from_numpy(np.random.default_rng(size).random((5, 1, size, size), np.float32))
+    for train.shift, train.zoom in ((0.1, 0.0), (0.08, 0.15), (0.0, 0.2)):
+        s = int(round(train.shift * size))
+        ref = np.random.default_rng(0)
+        dy, dx = ref.integers(0, 2 * s + 1, size=(2, 5)) - s
+        want = crops(images, dy, dx, s) if train.zoom == 0 else \
+            zoomed(images, dy, dx, ref.uniform(1 - train.zoom, 1 + train.zoom, 5))
+        assert torch.equal(shift(images, np.random.default_rng(0), train, 5, Runner()), want)
+    train.shift, train.zoom = 0.0, 0.0
+    assert shift(images, np.random.default_rng(0), train, 5, Runner()) is images
+
+
+@pytest.mark.parametrize("zoom", [0.0, 0.15])
+def test_each_process_shifts_its_shard_as_one_process_shifts_the_whole_minibatch(zoom):
+    train = preset("tiny").train
+    train.shift, train.zoom = 0.1, zoom
+    images = torch.from_numpy(np.random.default_rng(1).random((7, 1, 40, 40), np.float32))
+    whole = shift(images, np.random.default_rng(3), train, 7, Runner())
+    parts = [shift(r.shard(images), np.random.default_rng(3), train, 7, r) for r in (Rank(0, 3), Rank(1, 3), Rank(2, 3))]
+    assert torch.equal(torch.cat(parts), whole)

@@ -228,6 +228,17 @@ def test_init_from_another_architecture_is_refused(capsys, data, tmp_path):
     assert "not a state dict of this architecture; shape (file vs model): conv1.weight" in error_line(capsys)
 
 
+def test_the_phantom_is_generated_on_every_cpu(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    from minimal_amkp.config import preset
+    from minimal_amkp.run import job
+    monkeypatch.setattr(job, "cpus", lambda: 5)
+    seen = []
+    monkeypatch.setattr(job.phantom, "generate", lambda out, **kw: (seen.append(kw["workers"]), os.makedirs(out)))
+    phantom_root(preset("tiny"))
+    assert seen == [5]
+
+
 def test_the_default_phantom_is_generated_once_into_data(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     from minimal_amkp.config import preset

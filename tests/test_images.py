@@ -201,3 +201,14 @@ def test_check_images_records_each_file_crc(tmp_path):
     names = ds.train_val + ds.test
     assert im.check_images(ds, names) == names
     assert ds.digests == {n: zlib.crc32((tmp_path / "images" / n).read_bytes()) for n in names}
+
+
+def test_a_preloaded_set_is_batched_on_its_device_and_one_read_on_demand_on_the_cpu(ds):
+    names = ds.test + ds.train_val
+    meta = torch.device("meta")                       # a device that is not the CPU, on any machine
+    held = Images(ds, names, 32, preload=True, workers=1, device=meta)
+    x, y = held.batch([len(names) - 1, 0])
+    assert (x.device, y.device, x.shape, y.shape, x.dtype) == (meta, meta, (2, 1, 32, 32), (2, 14), torch.float32)
+    assert held.labels.device.type == "cpu"
+    x, y = Images(ds, names, 32, preload=False, workers=1, device=meta).batch([0])
+    assert x.device.type == y.device.type == "cpu"

@@ -3,6 +3,7 @@ import hashlib
 import itertools
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from minimal_amkp.data.phantom import film
 from minimal_amkp.data.phantom import sibling
 from minimal_amkp.data.phantom import stats as phantom_stats
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
+from minimal_amkp.run.atomic import WriteError
 
 N, SIZE, SEED = 24, 64, 2
 
@@ -116,6 +118,23 @@ def test_same_seed_gives_byte_identical_files_whatever_the_workers(tmp_path, mon
     phantom.generate(tmp_path / "d", n_images=8, size=32, seed=8)
     phantom.generate(tmp_path / "e", n_images=8, size=32, seed=9)
     assert digest(tmp_path / "c") == digest(tmp_path / "d") != digest(tmp_path / "e")
+
+
+def test_images_are_written_by_threads_and_a_failed_write_stops_the_run(tmp_path, monkeypatch):
+    threads, full, real = set(), [], phantom.atomic_write_bytes
+
+    def write(path, data):
+        threads.add(threading.current_thread())
+        if full:
+            raise WriteError(f"{path}: cannot write (No space left on device)")
+        return real(path, data)
+    monkeypatch.setattr(phantom, "atomic_write_bytes", write)
+    phantom.generate(tmp_path / "a", n_images=40, size=32, seed=3, workers=1)
+    assert threads and threading.main_thread() not in threads
+    full.append(True)
+    with pytest.raises(WriteError, match="No space left on device"):
+        phantom.generate(tmp_path / "b", n_images=40, size=32, seed=3, workers=1)
+    assert "Data_Entry_2017.csv" not in os.listdir(tmp_path / "b")
 
 
 def test_label_noise_flips_train_val_labels_only(tmp_path):

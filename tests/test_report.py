@@ -11,7 +11,7 @@ from minimal_amkp import reference as R
 from minimal_amkp.data.chestxray import read_bbox_list
 from minimal_amkp.classes import BOX_CLASSES, CLASSES
 from minimal_amkp.data.images import frame
-from minimal_amkp.harvest import by_class, upsample
+from minimal_amkp.harvest import by_class, fused, upsample
 from minimal_amkp.run.report import write_report
 
 
@@ -172,3 +172,18 @@ def test_the_positive_control_gets_recall_of_lesions_a_and_b(run, tmp_path):
     assert set(r["kinds"]) == {"baseline", "am"}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Lesions A and B (the positive control)" in md and "2 of kind B" in md
+
+
+def test_max_box_acc_in_processes_equals_it_in_process(run, monkeypatch):
+    from minimal_amkp.run import report
+    ds, mining, test, out, r = run
+    names, size = mining["names"], r["max_box_acc_v2_size"]
+    heatmaps = {"baseline": np.asarray(mining["cams"][0], np.float64), "am": fused(mining["cams"], mining["masks"])}
+    args = (heatmaps, names, [frame(ds, n) for n in names], gt_by_class(ds, names), size, R.check_grid(mining["grid"]))
+    alone = report.max_box_acc(*args)
+    assert report.jsonable(alone) == r["max_box_acc_v2"]
+    pools, real = [], report.processes
+    monkeypatch.setattr(report, "processes", lambda n: (pools.append(n), real(n))[1])
+    monkeypatch.setattr(report, "cpus", lambda: 3)
+    monkeypatch.setattr(report, "POOL_MIN_MAPS", 1)
+    assert report.max_box_acc(*args) == alone and pools == [3]

@@ -8,7 +8,8 @@ decompression bomb (more than MAX_PIXELS pixels) stops the run at the start, not
 `Images(ds, names, size, ...)` is the one object the method is handed for a set of images
 (the train_val set, the mining set, the test split): `len(images)`, `images.labels` (n, 14)
 and `images.batch(positions)` -> (float32 (k, 1, S, S) in [0, 1], labels (k, 14)). It is only
-duck-typed there, so tests hand the method in-memory stand-ins.
+duck-typed there, so tests hand the method in-memory stand-ins; the method moves what a batch
+gives it to its device, which costs nothing when it is there already.
 """
 import os
 import zlib
@@ -181,10 +182,13 @@ class Images:
     """Images (n, 1, S, S) and labels (n, 14) of a fixed name list, by position.
 
     `preload` reads everything once (small sets: the phantom), drawing progress(label, n)'s
-    line; otherwise each batch is read by `workers` threads when asked for.
+    line, and holds it on `device` with the labels: a batch is then one indexing op there, with
+    no copy from the host per step. Otherwise each batch is read by `workers` threads when
+    asked for and comes on the CPU. `labels` stays on the CPU either way.
     """
 
-    def __init__(self, ds, names, size, preload, workers, label="reading images", progress=Silent):
+    def __init__(self, ds, names, size, preload, workers, label="reading images", progress=Silent,
+                 device=torch.device("cpu")):
         self.ds, self.names, self.size = ds, list(names), size
         unknown = [n for n in self.names if n not in ds.entries]
         if unknown:
@@ -200,7 +204,7 @@ class Images:
                 chunks.append(self._read(range(start, min(start + 64, len(self.names)))))
                 progress.update(start + len(chunks[-1]), len(chunks[-1]))
             progress.close()
-            self.cache = torch.cat(chunks)
+            self.cache = (torch.cat(chunks).to(device), self.labels.to(device))
 
     def image(self, k):
         """Image k as float32 (1, S, S) in [0, 1]."""
@@ -214,6 +218,10 @@ class Images:
         return len(self.names)
 
     def batch(self, idx):
+        """(images (k, 1, S, S), labels (k, 14)) at positions idx: on the preload's device, else on the CPU."""
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        images = self.cache[idx] if self.cache is not None else self._read(idx.tolist())
-        return images, self.labels[idx]
+        if self.cache is None:
+            return self._read(idx.tolist()), self.labels[idx]
+        images, labels = self.cache
+        idx = idx.to(images.device, non_blocking=True)
+        return images[idx], labels[idx]

@@ -28,6 +28,7 @@ from minimal_amkp.mine import attention_mining
 from minimal_amkp.model import ResNetMSA, load_init, map_grid, map_size
 from minimal_amkp.run import checkpoint, distributed, outdir
 from minimal_amkp.run.atomic import atomic_open, atomic_write_text
+from minimal_amkp.run.pool import cpus
 from minimal_amkp.run.progress import Progress, say
 from minimal_amkp.run.report import write_report
 from minimal_amkp.run.settings import apply, as_json, differences, from_dict, problem, to_dict
@@ -127,8 +128,9 @@ def phantom_root(cfg):
         tmp = f"{root}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         say(f"generating the phantom data set into {root} (once)")
+        # Every CPU: the files are the same whatever the number of processes (phantom.generate).
         phantom.generate(tmp, n_images=d.phantom_images, size=d.phantom_size, seed=d.phantom_seed,
-                         progress=True, scenario=d.phantom_scenario)
+                         progress=True, scenario=d.phantom_scenario, workers=cpus())
         try:
             os.rename(tmp, root)
         except OSError:                          # a concurrent run got there first
@@ -233,9 +235,10 @@ def run_job(cfg, data, resume, runner):
             f"round {state['mining']['round']} of attention mining" if state["mining"] else "training"
         say(f"resuming {out} after {where}")
     size, workers, preload = cfg.data.image_size, cfg.data.workers, cfg.data.preload
-    train = Images(ds, train_names, size, preload, workers, "reading train_val images", runner.progress)
-    mining = Images(ds, mining_names, size, preload, workers, "reading mining images", runner.progress)
-    test = Images(ds, test_names, size, preload, workers, "reading test images", runner.progress)
+    read = dict(progress=runner.progress, device=device)        # preloaded sets are held on the device
+    train = Images(ds, train_names, size, preload, workers, "reading train_val images", **read)
+    mining = Images(ds, mining_names, size, preload, workers, "reading mining images", **read)
+    test = Images(ds, test_names, size, preload, workers, "reading test images", **read)
     for p, (phase, epochs) in enumerate(phases):
         if p < done[0]:
             continue

@@ -11,6 +11,7 @@ the box prior (no image, harvest.box_prior), the baseline H_1 (t = 1) and AM's H
 with the per-lesion numbers of lesions.py beside the tables and what each round of mining did,
 and on the phantom's positive control (lesion_kinds.csv) the recall of its lesions A and B.
 """
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import numpy as np
 
 from minimal_amkp import reference as R
 from minimal_amkp.run.atomic import atomic_write_text
+from minimal_amkp.run.pool import cpus, processes
 from minimal_amkp.classes import BOX_CLASSES, CLASSES, SHORT_NAMES
 from minimal_amkp.run.figures import write_figures
 from minimal_amkp.data.images import frame
@@ -41,6 +43,10 @@ ALL_BOXES_IOU = (0.1, 0.3)       # the T(IoU) columns of Tables 1 and 3: every b
 # (Choe et al. use 224 px), capped at this size: IoU does not change when both boxes are scaled
 # alike, so the cap costs little accuracy and saves minutes on 1024-px inputs.
 MAXBOX_SIZE = 256
+# MaxBoxAccV2 took 13 ms of CPU a map (100 thresholds, a labelling each) on the 2-core
+# machine, and a worker process 0.75 s to start: from this many maps on (the default run has
+# 1,248), the classes go to processes.
+POOL_MIN_MAPS = 400
 SKIPPED = "--report-extras false"
 
 
@@ -58,18 +64,32 @@ def check_test(test):
 
 
 def max_box_acc(heatmaps, names, frames, gt, size, grid):
-    """MaxBoxAccV2 (reference) per box class over its images with ground truth, and their mean.
+    """MaxBoxAccV2 (reference) of each localizer per box class over its images with ground
+    truth, and their mean.
 
-    Each map (on `grid`) is upsampled to size × size and the ground truth scaled by size/W, size/H.
-    heatmaps (n, 8, h, w); gt as ground_truth(). -> {class: result or None, "mean": float}.
+    heatmaps {method: (n, 8, h, w) on `grid`}: each map is upsampled to size × size and the
+    ground truth scaled by size/W, size/H; gt as ground_truth(). With POOL_MIN_MAPS maps or
+    more, the (method, class) pairs are scored in processes (run/pool.py), which return them
+    in order. They are sent the upsampled maps and run the reference alone: a worker that
+    imported this module would import torch, which takes longer than the maps take to send.
+    -> {method: {class: result or None, "mean": float}}.
     """
-    out = {}
-    for c, cls in enumerate(BOX_CLASSES):
-        pairs = [(upsample(heatmaps[i, c], size, size, grid),
-                  gt[c][name] * np.tile([size / frames[i][0], size / frames[i][1]], 2))
-                 for i, name in enumerate(names) if len(gt[c][name])]
-        out[cls] = R.max_box_acc_v2(*zip(*pairs)) if pairs else None
-    out["mean"] = nanmean([r["value"] for r in out.values() if r is not None])
+    maps, boxes = {}, {}
+    for m, h in heatmaps.items():
+        for c, cls in enumerate(BOX_CLASSES):
+            rows = [i for i, name in enumerate(names) if len(gt[c][name])]
+            if rows:
+                maps[m, cls] = [upsample(h[i, c], size, size, grid) for i in rows]
+                boxes[m, cls] = [gt[c][names[i]] * np.tile([size / frames[i][0], size / frames[i][1]], 2) for i in rows]
+    workers = min(cpus(), len(maps))
+    with contextlib.ExitStack() as stack:
+        run = map
+        if workers > 1 and sum(map(len, maps.values())) >= POOL_MIN_MAPS:
+            run = stack.enter_context(processes(workers)).map
+        results = dict(zip(maps, run(R.max_box_acc_v2, maps.values(), boxes.values())))
+    out = {m: {cls: results.get((m, cls)) for cls in BOX_CLASSES} for m in heatmaps}
+    for r in out.values():
+        r["mean"] = nanmean([v["value"] for v in r.values() if v is not None])
     return out
 
 
@@ -270,8 +290,8 @@ def write_report(out_dir, mining, ds, test, config, rounds=()):
         summary={m: nanmean(acc_afp["iou"][m]["acc"][at]) for m in METHODS},
         acc_afp=acc_afp, afp_bounds=R.DEFAULT_AFP_BOUNDS,
         max_box_acc_v2_size=min(size, MAXBOX_SIZE),
-        max_box_acc_v2={m: max_box_acc(h, names, frames, gt, min(size, MAXBOX_SIZE), grid)
-                        for m, h in (("baseline", h_1), ("am", h_f))} if extras else None,
+        max_box_acc_v2=max_box_acc({"baseline": h_1, "am": h_f}, names, frames, gt, min(size, MAXBOX_SIZE), grid)
+        if extras else None,
         all_boxes=all_boxes, rounds=[dict(d) for d in rounds],
         lesions={m: lesion_numbers(boxes[m], names, gt) for m in ("baseline", "am")},
         kinds=None if ds.kinds is None else {m: kind_recall(boxes[m], names, ds.kinds) for m in ("baseline", "am")},
