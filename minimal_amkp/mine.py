@@ -170,7 +170,7 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
         runner.check_split([len(t) for _, t in batches], "--mine.batch-size (its N − n whole images)")
     else:
         runner.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
-    ratios = []
+    terms = []
 
     def loss_fn(payload):
         i, idx = payload
@@ -183,11 +183,12 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
         if l_kp is None:
             return l_cls
         l_kp = runner.share(len(x) - n, len(idx[1])) * l_kp
-        ratios.append(runner.average(lam * l_kp) / runner.average(l_cls))
+        terms.append((lam * l_kp.detach(), l_cls.detach()))      # read after the epoch: no wait per step
         return ops.total_loss(l_cls, l_kp, lam)
 
     loss = run_epoch(model, opt, [(len(mi) + len(ti), (i, (mi, ti))) for i, (mi, ti) in enumerate(batches)], loss_fn,
                      lambda i: mining_lr(k, step + i), f"AM round {round_}/{k.rounds} epoch {epoch + 1}", runner)
+    ratios = [runner.average(kp) / runner.average(cls) for kp, cls in terms]
     return loss, (float(np.mean(ratios)) if ratios else None), len(batches)
 
 
