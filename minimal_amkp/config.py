@@ -77,7 +77,7 @@ class MineConfig:
     bn: str = "frozen"                     # batch norm while mining: frozen (running statistics) | batch
     erase: str = "feature"                 # feature: eq. (1) on X | image: the same cells' pixels filled (reference.erase_image)
     oracle: bool = False                   # M_1 = the positive control's lesions A, not the update of H_1
-    holes: str = "none"                    # matched: negatives get erased regions drawn from the positives' (mine.hole_masks)
+    holes: str = "none"                    # matched: negatives get erased regions drawn from the positives' (erasure.hole_masks)
 
 
 @dataclass

@@ -23,6 +23,10 @@ Our choices where the paper is silent:
 - Each round records the gradient norm of each part of loss (6) on its first minibatch
   (term_norms): the erased positives, the rest of L_cls and λ·L_KP, so a report shows whether
   the attention-mining signal is swamped.
+- Where M_{t-1} erases (`mine.erase`, erasure.py): in X, eq. (1) (feature, the paper's), or
+  in the input's pixels (image: the erased cells' pixels filled with the image's mean), so that
+  nothing the receptive field carries across the region's edge is left. With `mine.holes`
+  matched, the negatives get holes of the positives' shapes (erasure.hole_masks).
 - One optimizer serves all T rounds: a linear warm-up over the first `mine.warmup` steps of
   mining, then the constant rate `mine.lr`; its moments carry over from round to round and no
   round restarts a warm-up or a decay. A round's length is decided by the criterion above, so
@@ -40,8 +44,6 @@ KP modes, our reading of Sec. 2.2 (the paper does not spell out the batch recipe
     none     minibatches of N mining images only, all erased, L = L_cls
 The mining images are never augmented: a moved pixel would leave its mask behind.
 """
-import zlib
-
 import numpy as np
 import torch
 
@@ -49,8 +51,9 @@ from minimal_amkp import ops
 from minimal_amkp import reference as R
 from minimal_amkp.classes import BOX_CLASSES
 from minimal_amkp.config import RunError
-from minimal_amkp.loop import autocast, chunks, infer, optimizer, order, predict, run_epoch, to_device
-from minimal_amkp.model import map_grid, map_size
+from minimal_amkp.erasure import batch_masks, erase, hole_rng, image_grid, minibatch
+from minimal_amkp.loop import autocast, chunks, infer, optimizer, order, predict, run_epoch
+from minimal_amkp.model import map_size
 from minimal_amkp.objective import am_loss, balanced_lam, frozen_copy, mine_mode, term_norms
 
 B = len(BOX_CLASSES)                                       # masks and CAMs cover the 8 box classes
@@ -75,78 +78,6 @@ def mining_batches(k, n_mine, n_train, seed, round_, epoch):
         if n_train and laps else np.zeros(0, np.int64)
     step = batch_size - n if n_train else 0
     return [(mb, stream[i * step:(i + 1) * step]) for i, mb in enumerate(mine_batches)]
-
-
-def batch_masks(m8, classes):
-    """Mining masks (n, 8, h, w) -> (n, classes, h, w): the unboxed classes are never erased."""
-    pad = torch.ones(m8.shape[0], classes - m8.shape[1], *m8.shape[2:], dtype=m8.dtype, device=m8.device)
-    return torch.cat([m8, pad], dim=1)
-
-
-def hole_masks(y, masks, mining_labels, rng):
-    """--mine.holes matched (our addition): for each image of a minibatch (labels y (N, 14)) and
-    box class c it is negative for, the mask M_{t-1} of class c of a mining image positive for c,
-    drawn by the numpy Generator rng among those that erase something; all ones elsewhere
-    -> uint8 (N, 8, h, w). masks (n_mine, 8, h, w) = M_{t-1}, mining_labels (n_mine, 14).
-
-    Why: g in eq. (2) averages over every cell, so a hole moves z_c of any image, and the
-    classifier already reads a hole as evidence for the class (a hole in a negative test image
-    raises its logit by 0.48 on average, control seed 1). Mining on erased positives alone then
-    fits them by that cue, whatever is left in the image; a negative with a hole of the same
-    size makes the cue worthless, so only what remains in the erased positives can fit them.
-    """
-    out = torch.ones(len(y), B, *masks.shape[2:], dtype=torch.uint8)
-    erasing = (masks == 0).flatten(2).any(-1) & mining_labels[:, :B].bool()        # (n_mine, 8)
-    negative = ~y[:, :B].bool()                                                      # (N, 8)
-    for c in range(B):
-        pool, rows = torch.nonzero(erasing[:, c]).flatten(), torch.nonzero(negative[:, c]).flatten()
-        if len(pool) and len(rows):
-            out[rows, c] = masks[pool[torch.as_tensor(rng.integers(0, len(pool), len(rows)))], c]
-    return out
-
-
-def minibatch(idx, mining, train, masks, runner, shard=True, rng=None, grid=None):
-    """This process's slice (shard=False: all) of one mining minibatch idx = (mining positions,
-    train_val positions) -> x (n, 1, S, S), y (n, 14), m (n, 14, h, w) float32 (the train_val
-    images' all ones, or with rng the holes of hole_masks, drawn for the whole minibatch) on the
-    runner's device, and how many of them are erased mining images. With the maps' grid
-    (--mine.erase image), m's cells are erased in x's pixels instead (erase) and m is all ones."""
-    mi, ti = idx
-    m8 = torch.cat([masks[torch.as_tensor(mi)], torch.ones(len(ti), *masks.shape[1:], dtype=masks.dtype)])
-    if rng is not None:
-        m8 = m8 * hole_masks(torch.cat([mining.labels[mi], train.labels[ti]]), masks, mining.labels, rng)
-    m8m, m8t = m8[:len(mi)], m8[len(mi):]
-    if shard:
-        mi, ti, m8m, m8t = (runner.shard(a) for a in (mi, ti, m8m, m8t))
-    xm, ym = mining.batch(mi)
-    m8 = torch.cat([m8m, m8t])
-    if len(ti):
-        xt, yt = train.batch(ti)
-        xm, ym = torch.cat([xm, xt]), torch.cat([ym, yt])
-    device = runner.device
-    x, m = erase(to_device(xm, device), m8.to(device), grid)
-    return x, ym.to(device), batch_masks(m, ym.shape[1]).to(torch.float32), len(mi)
-
-
-def erase(x, m8, grid):
-    """Where M_{t-1} (m8 (n, 8, h, w), on x's device) takes effect -> (x, the masks the network
-    applies to X): eq. (1) on X (grid None) leaves x whole; --mine.erase image (the maps' grid)
-    fills the erased cells' pixels (ops.erase_image) and erases nothing in X, so N_B sees what a
-    network would see had the region never been there, receptive field and all."""
-    if grid is None:
-        return x, m8
-    return ops.erase_image(x, m8, grid), torch.ones_like(m8)
-
-
-def image_grid(model, cfg):
-    """The maps' grid under --mine.erase image, else None (erase)."""
-    return tuple(map_grid(model, cfg.data.image_size)) if cfg.mine.erase == "image" else None
-
-
-def hole_rng(k, seed, round_, epoch, step):
-    """The Generator of hole_masks for one minibatch (None unless --mine.holes matched): a pure
-    function of where it is, so a resumed run and K processes draw the same holes."""
-    return np.random.default_rng([seed, zlib.crc32(b"holes"), round_, epoch, step]) if k.holes == "matched" else None
 
 
 def mining_lr(k, step):
@@ -290,7 +221,7 @@ def attention_mining(model, mining, train, test, cfg, runner, state=None, save=N
     state: what `save` was last given, to resume an interrupted run, or None to start.
     save(state) is called after every epoch and every round; state is a dict of tensors,
     numbers and lists (a checkpoint can hold it). oracle: M_1 given (uint8 (n, 8, h, w), the
-    positive control's lesions A erased: --mine.erase oracle) instead of the update of H_1,
+    positive control's lesions A erased: --mine.oracle) instead of the update of H_1,
     so that round 2 trains on the erasure a perfect H_1 would make.
     -> dict(cams, masks (T, n, 8, h, w) tensors; records: one dict per round, ROUND_RECORD keys)
     """

@@ -67,7 +67,7 @@ def am_terms(model, model_a, x, m, n_erased, kp):
     if kp != "full" or n_erased == x.shape[0]:
         return model(x, m).logits, None
     with torch.no_grad():
-        a = model_a(x, m)       # the whole minibatch (N_B's batch-norm statistics) and masks (holes: mine.hole_masks)
+        a = model_a(x, m)       # the whole minibatch (N_B's batch-norm statistics) and masks (holes: erasure.hole_masks)
     # The logits and the KP term at X come from one op (ops.am_step), so backward writes dX once.
     out, l_kp_x = model(x, m, (a.x[n_erased:], n_erased))
     layers = [(a.penultimate, out.penultimate), (a.logits, out.logits)]

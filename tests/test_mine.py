@@ -6,8 +6,9 @@ import torch
 from minimal_amkp import reference as R
 from minimal_amkp.config import MineConfig, ModelConfig, preset
 from minimal_amkp import ops
-from minimal_amkp.mine import (ROUND_RECORD, attention_mining, batch_masks, compute_cams, hole_masks, hole_rng,
-                               image_grid, leveled_off, mine_epoch, minibatch, mining_batches, mining_lr, movement, next_masks)
+from minimal_amkp.erasure import batch_masks, hole_masks, hole_rng, image_grid, minibatch
+from minimal_amkp.mine import (ROUND_RECORD, attention_mining, compute_cams, leveled_off, mine_epoch, mining_batches,
+                               mining_lr, movement, next_masks)
 from minimal_amkp.objective import am_loss, balanced_lam, frozen_copy, mine_mode, term_norms
 from minimal_amkp.model import ResNetMSA, map_grid
 from minimal_amkp.classify import Phase, set_phase

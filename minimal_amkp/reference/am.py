@@ -188,7 +188,7 @@ def erase_image(image, m, grid):
     r(u) is the cell whose centre (geometry.py: stride·j + offset) is nearest pixel u, so
     a pixel goes with the cell it is centred under. One image serves all its classes, so P
     erases the union of every class's erased cells (the regions of the classes an image is
-    negative for are all ones, or the holes mine.hole_masks gives it). The fill f is the
+    negative for are all ones, or the holes erasure.hole_masks gives it). The fill f is the
     image's own mean level: no edge of its own darker or brighter than the film around it,
     and the same rule for the holes of negatives, so no fill is a cue to a class.
     image (N, 1, S, S), m (N, C, H, W) binary, grid (stride, offset, size) of the maps on
