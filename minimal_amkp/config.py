@@ -77,6 +77,7 @@ class MineConfig:
     bn: str = "frozen"                     # batch norm while mining: frozen (running statistics) | batch
     erase: str = "feature"                 # feature: eq. (1) on X | image: the same cells' pixels filled (reference.erase_image)
     oracle: bool = False                   # M_1 = the positive control's lesions A, not the update of H_1
+    update: str = "all"                    # all: N_B's every weight (the paper) | heads: the C branches' w, b only
     holes: str = "none"                    # matched: negatives get erased regions drawn from the positives' (erasure.hole_masks)
 
 
@@ -108,6 +109,7 @@ CHOICES = {("model", "msa"): ("bilinear", "deconv", "none"),
            ("mine", "bn"): ("frozen", "batch"),
            ("mine", "erase"): ("feature", "image"),
            ("mine", "holes"): ("none", "matched"),
+           ("mine", "update"): ("all", "heads"),
            ("train", "optimizer"): ("sgd", "adamw"),
            ("run", "device"): ("auto", "cpu", "cuda"),
            ("run", "preset"): ("tiny", "paper"),

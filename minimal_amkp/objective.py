@@ -48,12 +48,21 @@ def mine_mode(model, k):
     "batch", the running statistics drift toward those batches, and the eval-mode network that
     makes the CAMs and the erased-image loss is not the one that trained: measured on the
     default run's classifier, N_A's weights with N_B's drifted statistics raise the mining
-    images' loss from 1.59 to 1.72 (study/results/mining.md). Returns the parameters to train.
+    images' loss from 1.59 to 1.72 (study/results/mining.md).
+
+    With k.update "heads" (ours, a rung of the ladder) only the C branches' w and b train: X
+    stays N_A's, so mining can re-weigh what the classifier's features see but learn nothing
+    new and memorise little. Returns the parameters to train.
     """
     params = set_phase(model, Phase.MINE)
     if k.bn == "frozen":
         for mod in batch_norms(model):
             mod.eval()
+    if k.update == "heads":
+        heads = {id(p) for p in model.fc.parameters()}
+        for p in params:
+            p.requires_grad_(id(p) in heads)
+        params = [p for p in params if id(p) in heads]
     return params
 
 

@@ -377,3 +377,18 @@ def test_image_erasure_fills_pixels_and_leaves_x_whole():
         plain = model.cam(ops.erase_image(mining.images, masks, grid), torch.ones(6, 8, H, H), 8)
     assert torch.all(h[masks == 0] == 0)
     torch.testing.assert_close(h[masks == 1], plain[masks == 1])
+
+
+def test_updating_the_heads_only_moves_w_and_b_and_nothing_else():
+    """--mine.update heads: one mining epoch changes the branches' w and b and no other weight
+    or batch-norm statistic, so X, and with it L_KP at every layer but the logits, stays N_A's."""
+    cfg, model = micro()
+    cfg.mine.update = "heads"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = mine_mode(model, cfg.mine)
+    assert [id(p) for p in params] == [id(p) for p in model.fc.parameters()]
+    opt = optimizer(params, cfg.mine.lr, cfg.train)
+    m0 = torch.ones(6, 8, H, H, dtype=torch.uint8)
+    mine_epoch(model, frozen_copy(model), opt, Memory(6, 1), Memory(24, 2), m0, cfg, 1, 0, Runner())
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved and set(moved) <= {"fc.weight", "fc.bias"}, f"moved: {moved}"
