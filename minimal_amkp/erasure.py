@@ -35,8 +35,9 @@ def hole_masks(y, masks, mining_labels, rng):
     -> uint8 (N, 8, h, w). masks (n_mine, 8, h, w) = M_{t-1}, mining_labels (n_mine, 14).
 
     Why: g in eq. (2) averages over every cell, so a hole moves z_c of any image, and the
-    classifier already reads a hole as evidence for the class (a hole in a negative test image
-    raises its logit by 0.48 on average, control seed 1). Mining on erased positives alone then
+    classifier may already read a hole as evidence for the class (a hole in a negative test
+    image raises its logit by 0.32 to 0.83 on average with the control's classifiers,
+    `python -m minimal_amkp.study.refit RUN`; study/results/mining.md). Mining on erased positives alone then
     fits them by that cue, whatever is left in the image; a negative with a hole of the same
     size makes the cue worthless, so only what remains in the erased positives can fit them.
     """

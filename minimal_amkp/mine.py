@@ -101,12 +101,12 @@ def mine_epoch(model, model_a, opt, mining, train, masks, cfg, round_, epoch, ru
         runner.check_split([len(t) for _, t in batches], "--mine.batch-size (its N − n whole images)")
     else:
         runner.check_split([len(m) + len(t) for m, t in batches], "--mine.batch-size")
-    terms = []
+    terms, grid = [], image_grid(model, cfg)
 
     def loss_fn(payload):
         i, idx = payload
         x, y, m, n = minibatch(idx, mining, train, masks, runner, rng=hole_rng(k, cfg.run.seed, round_, epoch, i),
-                               grid=image_grid(model, cfg))
+                               grid=grid)
         with autocast(device):
             _, l_cls, l_kp = am_loss(net, model_a, x, y, m, n, k.kp, lam)
         # L_cls is a mean over all N images, L_KP over the N − n whole ones (eq. 4).

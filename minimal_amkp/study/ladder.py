@@ -31,6 +31,7 @@ from minimal_amkp.harvest import read_mining
 from minimal_amkp.run.job import phantom_root
 from minimal_amkp.run.lesions import peak_in_box
 from minimal_amkp.run.settings import from_dict
+from minimal_amkp.study.refit import targets
 
 B = len(BOX_CLASSES)
 
@@ -58,12 +59,9 @@ def rim_share(maps, masks):
 
 def b_peak_share(maps, names, grid, ds):
     """[learnt, frozen] share of round2_maps with a lesion B box whose peak lies in a B box."""
-    boxes = {}
-    for box, kind in ds.kinds:
-        if kind == "B":
-            boxes.setdefault((box.image, box.label), []).append((box.x, box.y, box.w, box.h))
-    hits = [[peak_in_box(h, grid, np.array(boxes[(names[i], c)], np.float64), *frame(ds, names[i])) for h in pair]
-            for (i, c), pair in maps.items() if (names[i], c) in boxes]
+    boxes = targets(ds, names)
+    hits = [[peak_in_box(h, grid, boxes[key], *frame(ds, names[key[0]])) for h in pair]
+            for key, pair in maps.items() if key in boxes]
     return np.mean(hits, axis=0) if hits else [float("nan")] * 2
 
 
